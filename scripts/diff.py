@@ -1,0 +1,116 @@
+"""Rule `diff`: subtract the template from one (visit, detector) and find DIASources.
+
+The template is the band's coadd patches (without this visit's own
+contribution when ``diff.leave_one_out``) resampled into the visit's frame.
+Always writes its three outputs; a visit without template coverage gets a
+failed status with the reason and an empty DIASource table.
+"""
+
+import traceback
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+
+from diffim.detect import detect_dia_sources
+from diffim.errors import DiffimError, NoOverlapError
+from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_exposure,
+                       write_json, write_table)
+from diffim.psfmatch import to_njy
+from diffim.runlog import setup_logging
+from diffim.skymap import SkyMap
+from diffim.subtract import subtract_images
+from diffim.tables import DIA_SOURCE_SCHEMA, dia_source_ids
+from diffim.template import remove_own_contribution, stitch_template, template_psf
+
+
+def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, leave_one_out):
+    """One coadd patch, with the visit's own contribution removed if asked."""
+    coadd = read_exposure(coadd_path)
+    if not leave_one_out or own_warp is None:
+        return coadd, False
+    inputs = read_table(inputs_path)
+    row = inputs[(inputs["visit"] == visit) & (inputs["detector"] == detector) & inputs["included"]]
+    if row.empty:
+        return coadd, False
+    with fits.open(coadd_path) as hdul:
+        weight_sum = np.array(hdul["WEIGHTSUM"].data, dtype=np.float64)
+    warp = read_warp(own_warp, patch_shape)
+    return remove_own_contribution(coadd, weight_sum, warp, float(row["weight"].iloc[0])), True
+
+
+def dia_table(sources, calexp, visit, detector):
+    meta = calexp.meta
+    out = sources.copy()
+    ra, dec = calexp.wcs.pixel_to_world_values(out["x"].to_numpy(), out["y"].to_numpy())
+    out.insert(0, "diaSourceId", dia_source_ids(visit, detector, len(out)))
+    out["visit"], out["detector"], out["band"] = visit, detector, meta["BAND"]
+    out["midpointMjdTai"] = float(meta["MIDMJD"])
+    out["ra"], out["dec"] = np.asarray(ra, float), np.asarray(dec, float)
+    return out
+
+
+def main(inp, out, params, wildcards, log=None):
+    logger = setup_logging(log)
+    visit, detector = int(wildcards["visit"]), int(wildcards["detector"])
+    cfg = params.diff
+    calexp = read_exposure(inp.calexp)
+    try:
+        skymap = SkyMap.from_json(params.skymap)
+        own = {w.split("/")[-2]: w for w in inp.own_warps}
+        patches, n_loo = [], 0
+        for coadd_path, inputs_path, patch in zip(inp.coadds, inp.coadd_inputs, params.patches):
+            exp, loo = load_patch(coadd_path, inputs_path, own.get(patch), visit, detector,
+                                  skymap.patch_shape(patch), cfg["leave_one_out"])
+            if exp.meta.get("NINPUTS", 0) > 0:
+                patches.append(exp)
+                n_loo += loo
+        if not patches:
+            raise NoOverlapError(f"visit {visit} detector {detector}: no coadd of band "
+                                 f"{calexp.meta['BAND']} with any input covers it (see coadd_inputs)")
+        science = to_njy(calexp)
+        psf = template_psf(patches[0].meta["MODELFWH"], calexp.meta["PIXSCALE"],
+                           calexp.psf.kernel_size, calexp.shape)
+        template = stitch_template(patches, calexp.wcs, calexp.shape, psf)
+        result = subtract_images(science, template, mode=cfg["mode"],
+                                 kernel_spatial_order=cfg["kernel_spatial_order"],
+                                 background_order=cfg["background_order"],
+                                 decorrelate=cfg["decorrelate"])
+        sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"])
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, DiffimError) else \
+            f"internal error in diff ({type(exc).__name__}: {exc})"
+        logger.error("diff failed: %s\n%s", reason, traceback.format_exc())
+        write_failed(out, visit, detector, reason)
+        return
+    table = dia_table(sources, calexp, visit, detector)
+    diff = result.difference
+    diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
+    diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo)
+    write_exposure(out.diff, diff)
+    write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
+    write_json(out.status, {"status": "ok", "reason": "", "visit": visit, "detector": detector,
+                            "n_dia_sources": len(table), "mode": result.mode,
+                            "kernel_sum": float(result.kernel_sum),
+                            "noise_ratio": float(result.noise_ratio),
+                            "leave_one_out_patches": n_loo})
+    logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))
+
+
+def write_failed(out, visit, detector, reason):
+    hdu = fits.PrimaryHDU()
+    hdu.header["VISIT"], hdu.header["DETECTOR"] = visit, detector
+    hdu.header["STATUS"] = "failed"
+    hdu.header["REASON"] = reason
+    with atomic_path(out.diff) as tmp:
+        hdu.writeto(tmp)
+    empty = pd.DataFrame({n: pd.Series(dtype=t.to_pandas_dtype())
+                          for n, t in zip(DIA_SOURCE_SCHEMA.names, DIA_SOURCE_SCHEMA.types)})
+    write_table(out.sources, empty, schema=DIA_SOURCE_SCHEMA)
+    write_json(out.status, {"status": "failed", "reason": reason, "visit": visit,
+                            "detector": detector, "n_dia_sources": 0})
+
+
+if "snakemake" in globals():
+    main(snakemake.input, snakemake.output, snakemake.params, dict(snakemake.wildcards),
+         snakemake.log[0])

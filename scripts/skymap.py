@@ -1,0 +1,89 @@
+"""Checkpoint `skymap`: one sky map for all bands, the model PSF of each band,
+the coadd selection of every visit, and which patches each visit overlaps.
+
+``overlaps.parquet`` has one row per (ok visit, detector, patch) with the
+band's model PSF FWHM and whether the visit enters that band's coadds.
+"""
+
+import numpy as np
+import pandas as pd
+
+from diffim.coadd import select_inputs
+from diffim.config import resolve_model_fwhm
+from diffim.errors import ConfigError
+from diffim.io import atomic_path, read_json, write_table
+from diffim.runlog import setup_logging
+from diffim.skymap import make_skymap
+
+#: Footprints come from the fitted WCS; this margin (arcsec) only absorbs rounding.
+FOOTPRINT_MARGIN_ARCSEC = 2.0
+
+
+def load_ok_qa(files) -> pd.DataFrame:
+    rows = [read_json(f) for f in files]
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        raise RuntimeError("no exposure was calibrated successfully; see "
+                           "visit_status / the calexp logs for each file's reason")
+    return pd.DataFrame(ok)
+
+
+def model_fwhms(qa: pd.DataFrame, coadd_cfg: dict, kernel_size: int) -> dict:
+    """Per band: (model FWHM in arcsec, seeing cut in arcsec)."""
+    out = {}
+    for band, rows in qa.groupby("band"):
+        scale = float(np.median(rows["pixel_scale"]))
+        model_px, cut_px = resolve_model_fwhm(coadd_cfg, rows["fwhm_px"].to_numpy(), scale)
+        if model_px > kernel_size / 4.0:
+            raise ConfigError(
+                f"band {band}: the model PSF FWHM {model_px:.2f} px does not fit in "
+                f"psf.kernel_size = {kernel_size} px (needs >= 4 x FWHM); raise psf.kernel_size "
+                f"to at least {int(np.ceil(4 * model_px)) | 1} or lower coadd.model_fwhm")
+        out[band] = (model_px * scale, cut_px * scale)
+    return out
+
+
+def overlap_rows(qa, skymap, fwhms, coadd_cfg) -> pd.DataFrame:
+    rows = []
+    for band, group in qa.groupby("band"):
+        model_arcsec, cut_arcsec = fwhms[band]
+        scale = group["pixel_scale"].to_numpy()
+        visits = pd.DataFrame({"visit": group["visit"], "detector": group["detector"],
+                               "band": band, "fwhm_px": group["fwhm_px"],
+                               "mjd": group["midpoint_mjd"], "status": "ok"})
+        sel = select_inputs(visits, model_fwhm_px=model_arcsec / np.median(scale),
+                            max_fwhm_px=cut_arcsec / np.median(scale),
+                            mjd_range=coadd_cfg["mjd_range"], visit_list=coadd_cfg["visits"])
+        for q, s in zip(group.itertuples(index=False), sel.itertuples(index=False)):
+            patches = skymap.patches_overlapping(q.footprint_ra, q.footprint_dec,
+                                                 margin_arcsec=FOOTPRINT_MARGIN_ARCSEC)
+            for patch in patches:
+                rows.append(dict(visit=int(q.visit), detector=int(q.detector), band=band,
+                                 patch=patch, included=bool(s.included), reason=s.reason,
+                                 fwhm_px=float(q.fwhm_px), model_fwhm_arcsec=model_arcsec,
+                                 max_fwhm_arcsec=cut_arcsec))
+    return pd.DataFrame(rows)
+
+
+def main(qa_files, out, skymap_cfg, coadd_cfg, psf_cfg, log=None):
+    logger = setup_logging(log)
+    qa = load_ok_qa(qa_files)
+    scale = skymap_cfg["pixel_scale"] or float(np.median(qa["pixel_scale"]))
+    skymap = make_skymap(list(zip(qa["footprint_ra"], qa["footprint_dec"])),
+                         pixel_scale_arcsec=scale, patch_inner=skymap_cfg["patch_inner"],
+                         patch_border=skymap_cfg["patch_border"],
+                         margin_arcsec=FOOTPRINT_MARGIN_ARCSEC)
+    fwhms = model_fwhms(qa, coadd_cfg, psf_cfg["kernel_size"])
+    table = overlap_rows(qa, skymap, fwhms, coadd_cfg)
+    for band, (model, cut) in fwhms.items():
+        logger.info("band %s: model PSF FWHM %.3f arcsec, seeing cut %.3f arcsec", band, model, cut)
+    logger.info("sky map: %d patches, %d (visit, detector, patch) overlaps",
+                len(skymap.patch_names()), len(table))
+    write_table(out.overlaps, table)
+    with atomic_path(out.skymap) as tmp:
+        tmp.write_text(skymap.to_json())
+
+
+if "snakemake" in globals():
+    main(snakemake.input.qa, snakemake.output, snakemake.params.skymap,
+         snakemake.params.coadd, snakemake.params.psf, snakemake.log[0])

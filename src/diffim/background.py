@@ -1,0 +1,146 @@
+"""Sky background and per-pixel variance of an exposure.
+
+Images are in electrons, arrays indexed ``[y, x]`` (see :mod:`diffim`).  The
+background is a smooth mesh model from ``sep.Background`` (SExtractor's
+sigma-clipped mode per box, median-filtered and bicubic-spline interpolated);
+the variance is the Poisson + read-noise variance of a *smoothed* estimate of
+the signal, so that pixel noise does not leak into its own weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import sep
+
+logger = logging.getLogger(__name__)
+
+
+def _bad_pixels(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Boolean array: pixels that are NaN/inf or have any mask bit set."""
+    bad = ~np.isfinite(image)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        bad |= mask != 0
+    return bad
+
+
+def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
+    """Sum over a ``size x size`` box around each pixel (zeros beyond the edge).
+
+    Shifted-slice additions in float32: ~5x faster than
+    ``scipy.ndimage.uniform_filter`` (which works in float64) for small boxes.
+    """
+    h = size // 2
+    ny, nx = a.shape
+    p = np.pad(np.asarray(a, np.float32), h)
+    rows = p[0:ny].copy()
+    for k in range(1, size):
+        rows += p[k:k + ny]
+    out = rows[:, 0:nx].copy()
+    for k in range(1, size):
+        out += rows[:, k:k + nx]
+    return out
+
+
+def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, *,
+                        box: int = 128, filter_size: int = 3
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth sky background and its pixel RMS, with ``sep.Background``.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Image in electrons (sky not subtracted).  NaN/inf pixels are ignored.
+    mask : ndarray (ny, nx) or None
+        Any nonzero value (e.g. an int32 bit mask) excludes the pixel from the
+        box statistics; pass only the bits that should be ignored.
+    box : int
+        Mesh box size in pixels (square boxes).
+    filter_size : int
+        Size (in boxes) of the median filter applied to the mesh.
+
+    Returns
+    -------
+    background, rms : ndarray (ny, nx) float32
+        Background level and its noise RMS per pixel, electrons.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    if box < 8 or filter_size < 1:
+        raise ValueError(f"background box must be >= 8 and filter_size >= 1, "
+                         f"got box={box}, filter_size={filter_size}")
+    bad = _bad_pixels(image, mask)
+    if bad.all():
+        raise ValueError("cannot estimate a background: every pixel is masked or NaN")
+    data = np.where(bad, 0.0, image).astype(np.float32)
+    bkg = sep.Background(data, mask=bad.view(np.uint8), bw=box, bh=box,
+                         fw=filter_size, fh=filter_size)
+    logger.debug("background: global %.2f e-, rms %.2f e-", bkg.globalback, bkg.globalrms)
+    return bkg.back(dtype=np.float32), bkg.rms(dtype=np.float32)
+
+
+def variance_plane(image_e: np.ndarray, *, read_noise: float, gain: float = 1.0,
+                   background: np.ndarray | None = None,
+                   mask: np.ndarray | None = None, smooth_nsigma: float = 3.0
+                   ) -> np.ndarray:
+    """Per-pixel variance: Poisson noise of a smoothed signal plus read noise.
+
+    The signal is ``background + max(source, 0)``, where ``source`` is the
+    background-subtracted image where a 3x3 box average shows it significant
+    (above ``smooth_nsigma`` times the averaged sky noise) and zero elsewhere.
+    Sky pixels thus get exactly the smooth background variance (a per-pixel
+    ``max(image, 0)`` would bias it upward by noise), while stars get the
+    Poisson variance of their own flux.
+
+    Parameters
+    ----------
+    image_e : ndarray (ny, nx)
+        Image in electrons, sky *not* subtracted.
+    read_noise : float
+        Read noise, electrons RMS.
+    gain : float
+        Electrons per image unit.  Leave at 1 for images in electrons (the
+        calexp convention); for ADU images the result is in ADU^2:
+        ``signal / gain + (read_noise / gain)**2``.
+    background : ndarray or None
+        Sky background (image units); estimated with
+        :func:`estimate_background` when not given.
+    mask : ndarray or None
+        Pixels to ignore when estimating the background (nonzero = ignore).
+    smooth_nsigma : float
+        Significance (in units of the 3x3-averaged sky noise) above which a
+        pixel is treated as source rather than sky.
+
+    Returns
+    -------
+    variance : ndarray (ny, nx) float32
+        Variance in image units squared; NaN where the image is NaN.
+    """
+    image = np.asarray(image_e, dtype=np.float32)
+    if read_noise < 0 or not np.isfinite(read_noise):
+        raise ValueError(f"read_noise must be a finite number >= 0 electrons, got {read_noise}")
+    if not gain > 0:
+        raise ValueError(f"gain must be > 0 electrons per image unit, got {gain}")
+    if background is None:
+        background, _ = estimate_background(image, mask)
+    background = np.asarray(background, dtype=np.float32)
+    if background.shape != image.shape:
+        raise ValueError(f"background shape {background.shape} differs from image "
+                         f"shape {image.shape}")
+    finite = np.isfinite(image)
+    source = image - background
+    source[~finite] = 0.0
+    sky_var = np.maximum(background, np.float32(0)) / np.float32(gain)
+    sky_var += np.float32((read_noise / gain) ** 2)
+    # a 3x3 sum has 3x the pixel noise: threshold the sum, not the pixel
+    significant = _box_sum(source, 3) > np.float32(3.0 * smooth_nsigma) * np.sqrt(sky_var)
+    np.maximum(source, 0.0, out=source)
+    source[~significant] = 0.0
+    var = sky_var + source / np.float32(gain)
+    var[~finite] = np.nan
+    return var

@@ -1,0 +1,246 @@
+"""The calibrated-exposure stage (LSST's processEimage), on arrays.
+
+:func:`process_exposure` turns one input exposure (electrons, sky not
+subtracted) into a calexp: background-subtracted image in electrons,
+variance, mask with named defect bits, a pixelized PSF model of the one
+configured kernel size, a fitted TAN-SIP WCS and a zero point.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from astropy.wcs import WCS
+
+from . import masks
+from .astrometry import fit_wcs
+from .background import estimate_background, variance_plane
+from .defects import find_defects
+from .errors import CalibrationError, InputError, NoUsableStarsError
+from .exposure import Exposure
+from .photometry import fit_zeropoint, njy_per_electron
+from .psffit import fit_psf, measure_psf_flux
+from .sources import detect_sources, select_psf_stars
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalexpConfig:
+    """Knobs of the calexp stage (the workflow's ``psf`` and ``calexp`` config).
+
+    Attributes are documented in ``config/schema.yaml``.
+    """
+
+    kernel_size: int = 41
+    psf_max_order: int = 2
+    psf_min_stars: int = 8
+    detect_threshold: float = 5.0
+    background_box: int = 128
+    read_noise: float = 5.0
+    saturation: float | None = None
+    cosmic_rays: bool = True
+    sip_order: int = 2
+    max_shift_arcsec: float = 10.0
+    max_rot_deg: float = 0.2
+    max_scale_error: float = 0.01
+    max_astrometry_rms_arcsec: float = 0.15
+
+    @classmethod
+    def from_workflow(cls, psf: dict, calexp: dict) -> "CalexpConfig":
+        """Build from the workflow config's ``psf`` and ``calexp`` sections."""
+        return cls(kernel_size=psf["kernel_size"], psf_max_order=psf["max_order"],
+                   psf_min_stars=psf["min_stars"], **calexp)
+
+
+@dataclass
+class CalexpResult:
+    """Output of :func:`process_exposure`.
+
+    Attributes
+    ----------
+    exposure : Exposure
+        The calexp (electrons, background subtracted; fitted WCS; PSF model).
+    sources : pandas.DataFrame
+        Detected sources with ``ra``, ``dec``, ``psf_star``, ``ref_mag`` columns.
+    qa : dict
+        FWHM, zero point, sky, astrometric RMS, star counts, footprint.
+    """
+
+    exposure: Exposure
+    sources: pd.DataFrame
+    qa: dict = field(default_factory=dict)
+
+
+def validate_pixels(image: np.ndarray, path: str = "") -> np.ndarray:
+    """No-data mask of an input image; refuse images with no usable pixels."""
+    nodata = ~np.isfinite(image)
+    good = image[~nodata]
+    if good.size == 0:
+        raise InputError(f"{path}: every pixel is NaN (no data)")
+    if np.ptp(good) == 0:
+        raise InputError(f"{path}: every pixel has the same value ({good[0]:g}): no signal")
+    return nodata
+
+
+def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.DataFrame,
+                     *, config: CalexpConfig, path: str = "") -> CalexpResult:
+    """Calibrate one exposure.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Pixels in electrons, sky not subtracted; NaN = no data.
+    meta : dict
+        From :func:`diffim.io.header_meta` (visit, detector, band, ...).
+    approx_wcs : astropy.wcs.WCS
+        The header WCS (only approximate).
+    refcat : DataFrame
+        Reference catalog with ``ra``, ``dec``, ``{band}_mag``.
+    config : CalexpConfig
+    path : str
+        File name, for error messages.
+
+    Raises
+    ------
+    DiffimError subclasses with a reason a person understands.
+    """
+    nodata = validate_pixels(image, path)
+    mask = np.where(nodata, masks.bit("NO_DATA"), 0).astype(masks.MASK_DTYPE)
+    filled = np.where(nodata, 0.0, image).astype(np.float32)
+    read_noise = meta.get("rdnoise") or config.read_noise
+    gain = 1.0  # pixels are electrons already (io converts ADU)
+    saturation = meta.get("saturate") or config.saturation or float(np.nanmax(image)) * 1.001
+
+    bkg, _ = estimate_background(filled, mask, box=config.background_box)
+    variance = variance_plane(filled, read_noise=read_noise, gain=gain, background=bkg, mask=mask)
+    sub = (filled - bkg).astype(np.float32)
+
+    fwhm0 = _rough_fwhm(sub, variance, mask, config)
+    mask |= find_defects(sub, variance, saturation=saturation - float(np.median(bkg)),
+                         psf_fwhm_px=fwhm0, existing_mask=mask, raw_image=filled,
+                         cosmic_rays=config.cosmic_rays)
+    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold)
+    if len(sources) < 3:
+        raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
+                                 f"{config.detect_threshold} sigma (cloudy, empty or broken image)")
+    band = meta["band"]
+    ref = _refcat_for_band(refcat, band, path)
+    astro = fit_wcs(sources["x"].to_numpy(), sources["y"].to_numpy(), sources["flux"].to_numpy(),
+                    ref["ra"].to_numpy(), ref["dec"].to_numpy(), ref[f"{band}_mag"].to_numpy(),
+                    approx_wcs, shape=image.shape, max_shift_arcsec=config.max_shift_arcsec,
+                    max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
+                    sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec)
+    stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size)
+    if len(stars) < config.psf_min_stars:
+        raise NoUsableStarsError(
+            f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
+            f"(psf.min_stars = {config.psf_min_stars})")
+    psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
+                      order=config.psf_max_order)
+    mask |= _edge_mask(image.shape, config.kernel_size)
+    zp, phot = _calibrate(sub, variance, psf_fit.psf, sources, astro, ref, band, path)
+    sources = _annotate_sources(sources, astro, stars, phot)
+    exposure = Exposure(image=sub, variance=variance, mask=mask, wcs=astro.wcs, psf=psf_fit.psf,
+                        meta=_calexp_meta(meta, zp, psf_fit, astro, bkg, saturation, read_noise))
+    qa = _qa(meta, exposure, psf_fit, astro, zp, bkg, len(sources), len(stars))
+    return CalexpResult(exposure=exposure, sources=sources, qa=qa)
+
+
+def _rough_fwhm(sub, variance, mask, config) -> float:
+    """First FWHM guess (px) from bright compact detections, for defect finding."""
+    cat = detect_sources(sub, variance, mask, nsigma=max(config.detect_threshold, 10.0))
+    if len(cat) < 3:
+        return 3.0
+    # sep's a, b are the RMS along the axes: FWHM = 2.355 sqrt(a b) for a Gaussian
+    size = 2.3548 * np.sqrt(cat["a"].to_numpy() * cat["b"].to_numpy())
+    bright = cat["flux"].to_numpy() > np.percentile(cat["flux"], 50)
+    return float(np.clip(np.percentile(size[bright], 25), 1.5, config.kernel_size / 4))
+
+
+def _refcat_for_band(refcat, band, path):
+    col = f"{band}_mag"
+    if col not in refcat.columns:
+        raise CalibrationError(f"{path}: the reference catalog has no column {col} for band {band}")
+    ref = refcat[np.isfinite(refcat[col]) & np.isfinite(refcat["ra"]) & np.isfinite(refcat["dec"])]
+    return ref.reset_index(drop=True)
+
+
+def _edge_mask(shape, kernel_size) -> np.ndarray:
+    half = kernel_size // 2
+    edge = np.zeros(shape, dtype=masks.MASK_DTYPE)
+    edge[:half, :] = edge[-half:, :] = edge[:, :half] = edge[:, -half:] = masks.bit("EDGE")
+    return edge
+
+
+def _calibrate(sub, variance, psf, sources, astro, ref, band, path):
+    """Zero point from PSF fluxes of the astrometric matches with reference magnitudes."""
+    i_src = astro.matches["src_index"].to_numpy()
+    i_ref = astro.matches["ref_index"].to_numpy()
+    x = sources["x"].to_numpy()[i_src]
+    y = sources["y"].to_numpy()[i_src]
+    flux, err = np.empty(len(x)), np.empty(len(x))
+    for k, (xi, yi) in enumerate(zip(x, y)):
+        flux[k], err[k] = measure_psf_flux(sub, variance, psf.at(xi, yi), xi, yi)
+    mag_err_col = f"{band}_magErr"
+    mag_err = ref[mag_err_col].to_numpy()[i_ref] if mag_err_col in ref.columns else None
+    zp = fit_zeropoint(flux, err, ref[f"{band}_mag"].to_numpy()[i_ref], mag_err)
+    return zp, dict(i_src=i_src, psf_flux=flux, psf_flux_err=err)
+
+
+def _annotate_sources(sources, astro, stars, phot):
+    out = sources.copy()
+    ra, dec = astro.wcs.pixel_to_world_values(out["x"].to_numpy(), out["y"].to_numpy())
+    out["ra"], out["dec"] = ra, dec
+    out["psf_star"] = out.index.isin(stars.index)
+    out["astrometry_match"] = False
+    out.loc[out.index[phot["i_src"]], "astrometry_match"] = True
+    return out
+
+
+def _calexp_meta(meta, zp, psf_fit, astro, bkg, saturation, read_noise) -> dict:
+    scale = pixel_scale_arcsec(astro.wcs)
+    return {
+        "VISIT": int(meta["visit"]), "DETECTOR": int(meta["detector"]), "BAND": meta["band"],
+        "MJD-OBS": meta["mjd_obs"], "EXPTIME": meta["exptime"], "MIDMJD": meta["midpoint_mjd"],
+        "BUNIT": "electron", "ZEROPT": zp.zeropoint, "ZEROPTER": zp.zeropoint_err,
+        "NJYPERE": njy_per_electron(zp.zeropoint), "FWHM": psf_fit.fwhm_px,
+        "FWHMASEC": psf_fit.fwhm_px * scale, "PIXSCALE": scale, "SKYLEVEL": float(np.median(bkg)),
+        "ASTRMS": astro.rms_arcsec, "NASTRO": astro.n_matched, "NPSFSTAR": psf_fit.n_stars,
+        "SATURATE": float(saturation), "RDNOISE": float(read_noise),
+    }
+
+
+def pixel_scale_arcsec(wcs: WCS) -> float:
+    """Mean pixel scale (arcsec/px) at the reference pixel."""
+    return float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+
+
+def footprint(wcs: WCS, shape, n_per_side: int = 4) -> tuple[list, list]:
+    """Sky polygon (ra, dec lists, deg) around the image border, counter-clockwise."""
+    ny, nx = shape
+    t = np.linspace(0, 1, n_per_side, endpoint=False)
+    xs = np.concatenate([t * (nx - 1), np.full_like(t, nx - 1), (1 - t) * (nx - 1), np.zeros_like(t)])
+    ys = np.concatenate([np.zeros_like(t), t * (ny - 1), np.full_like(t, ny - 1), (1 - t) * (ny - 1)])
+    ra, dec = wcs.pixel_to_world_values(xs - 0.5 * np.sign(xs - nx / 2), ys - 0.5 * np.sign(ys - ny / 2))
+    return [float(v) for v in ra], [float(v) for v in dec]
+
+
+def _qa(meta, exposure, psf_fit, astro, zp, bkg, n_sources, n_stars) -> dict:
+    ra, dec = footprint(exposure.wcs, exposure.shape)
+    m = exposure.meta
+    return {
+        "status": "ok", "reason": "", "visit": int(meta["visit"]),
+        "detector": int(meta["detector"]), "band": meta["band"],
+        "midpoint_mjd": meta["midpoint_mjd"], "shape": list(exposure.shape),
+        "fwhm_px": m["FWHM"], "fwhm_arcsec": m["FWHMASEC"], "pixel_scale": m["PIXSCALE"],
+        "zeropoint": zp.zeropoint, "zeropoint_err": zp.zeropoint_err,
+        "zeropoint_n_stars": zp.n_used, "njy_per_electron": m["NJYPERE"],
+        "sky_electrons": float(np.median(bkg)), "astrometry_rms_arcsec": astro.rms_arcsec,
+        "astrometry_n_stars": astro.n_matched, "psf_n_stars": psf_fit.n_stars,
+        "psf_order": exposure.psf.order, "n_sources": n_sources, "n_psf_candidates": n_stars,
+        "footprint_ra": ra, "footprint_dec": dec,
+    }

@@ -1,0 +1,386 @@
+"""DIASource detection and measurement on a difference image.
+
+Conventions (see :mod:`diffim`): arrays ``[y, x]``, pixel ``(0, 0)`` is the centre
+of the first pixel; difference images in nJy per pixel, variance in nJy^2.
+
+Detection
+---------
+The difference image ``D`` is cross-correlated with its PSF ``P`` (the model at
+the image centre) and divided by the propagated noise, giving the matched-filter
+significance ``S = (D * P) / sqrt(V * P^2)`` (``*``: correlation, ``V`` the
+variance plane).  Unusable pixels -- masked ``CR``, ``BAD``, ``SAT``,
+``NO_DATA`` or ``NO_TEMPLATE``, or non-finite -- are left out of both sums (``D``
+and ``V`` set to 0 there), and ``S`` is set to 0 on them, so such a pixel can
+never be the peak of a DIASource: cosmic rays, bad columns and bleed trails of
+the science exposure do not produce detections.
+
+Footprints are the 8-connected regions with ``S > threshold`` (positive) or
+``S < -threshold`` (negative).  Each footprint gives one source per peak: its
+local maxima of ``|S|`` kept greedily from the brightest, at least
+``min_separation_px`` apart (minimal deblending; the footprint's pixels are not
+divided between peaks).
+
+Measurement
+-----------
+* Centroid: the peak of ``|S|`` refined by a 1-D parabola through the 3 pixels
+  along each axis (the maximum of the cross-correlation is the maximum
+  likelihood position for a known PSF).
+* ``psfFlux``: linear least-squares amplitude of the PSF model (evaluated at the
+  centroid, shifted to it with a cubic spline) over the ``K x K`` stamp with
+  weights ``1 / V``; ``psfFluxErr = 1 / sqrt(sum P^2 / V)``.  Masked pixels get
+  zero weight.
+* ``snr``: the detection significance ``|S|`` at the peak (contract column);
+  ``psfSnr = psfFlux / psfFluxErr``.
+* Pixel flags from the mask over the footprint plus a disc of radius
+  ``flag_radius_px`` (default one PSF FWHM) around the centroid:
+  ``pixelFlags_edge`` if a pixel is within a PSF half-width (``K // 2``) of the
+  border or has ``EDGE``; ``pixelFlags_saturated``: ``SAT``;
+  ``pixelFlags_bad``: ``BAD``, ``NO_DATA``, ``NO_TEMPLATE`` or ``CR``.
+* Dipoles: a positive and a negative source closer than ``dipole_max_sep_px``
+  whose PSF fluxes differ by at most a factor ``dipole_flux_ratio`` are merged
+  into one row with ``isDipole = True``: two PSFs are fitted jointly at the two
+  lobe centroids; ``psfFlux`` / ``psfFluxErr`` are the *positive lobe's* flux
+  and error from that fit (``dipoleNegFlux`` / ``dipoleNegFluxErr`` the negative
+  lobe's), ``x, y`` the midpoint of the lobes, ``snr`` the larger lobe
+  significance, ``isNegative = False``, flags the OR of both lobes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy import fft as sp_fft
+from scipy import ndimage, signal
+
+from . import masks
+from .exposure import Exposure
+
+logger = logging.getLogger(__name__)
+
+#: Output columns and dtypes (contract columns first, then extras).
+COLUMNS: dict[str, str] = {
+    "x": "float64", "y": "float64", "psfFlux": "float64", "psfFluxErr": "float64",
+    "snr": "float64", "isNegative": "bool", "isDipole": "bool",
+    "pixelFlags_edge": "bool", "pixelFlags_saturated": "bool", "pixelFlags_bad": "bool",
+    "psfSnr": "float64", "dipoleNegFlux": "float64", "dipoleNegFluxErr": "float64",
+    "dipoleSeparation": "float64", "footprintArea": "int64",
+}
+
+#: Pixels that can never be the peak of a DIASource (and are left out of the filter).
+NO_PEAK_PLANES = ("CR", "BAD", "SAT", "NO_DATA", "NO_TEMPLATE")
+_BAD_FLAG_PLANES = ("BAD", "NO_DATA", "NO_TEMPLATE", "CR")
+
+
+def empty_catalog() -> pd.DataFrame:
+    """An empty DIASource table with the columns and dtypes of :data:`COLUMNS`."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+
+
+def significance_image(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
+                       bad: np.ndarray | None = None) -> np.ndarray:
+    """Matched-filter significance ``(D * P) / sqrt(V * P^2)`` (``*`` = correlation).
+
+    Parameters
+    ----------
+    image, variance : ndarray (ny, nx)
+        Image (any flux unit) and its variance (unit squared).
+    psf : ndarray (K, K)
+        PSF kernel, centred on ``(K // 2, K // 2)``.
+    bad : ndarray of bool, optional
+        Pixels left out of both sums; the significance is 0 on them.
+
+    Returns
+    -------
+    ndarray (ny, nx) float32
+        Significance in units of the noise sigma; 0 where undefined.
+    """
+    bad = np.zeros(image.shape, bool) if bad is None else bad
+    bad = bad | ~np.isfinite(image) | ~np.isfinite(variance) | (variance < 0)
+    d = np.where(bad, 0.0, image).astype(np.float32)
+    v = np.where(bad, 0.0, variance).astype(np.float32)
+    p = np.asarray(psf, dtype=np.float32)[::-1, ::-1]
+    with sp_fft.set_workers(2):
+        num = signal.oaconvolve(d, p, mode="same")
+        den = signal.oaconvolve(v, p * p, mode="same")
+    floor = 1e-6 * float(np.median(den[~bad])) if (~bad).any() else 0.0
+    ok = (den > floor) & ~bad
+    out = np.zeros(image.shape, dtype=np.float32)
+    out[ok] = num[ok] / np.sqrt(den[ok])
+    return out
+
+
+def _peaks_in_footprints(sig: np.ndarray, threshold: float, min_sep: float):
+    """Footprints of ``sig > threshold`` and their peaks.
+
+    Returns ``labels``, ``slices`` and a list of ``(iy, ix, value, label)``.
+    """
+    labels, n = ndimage.label(sig > threshold, structure=np.ones((3, 3), dtype=int))
+    slices = ndimage.find_objects(labels)
+    peaks = []
+    r = max(1, int(np.floor(min_sep)))
+    for lab, sl in enumerate(slices, start=1):
+        sub = np.where(labels[sl] == lab, sig[sl], -np.inf)
+        iy, ix = np.unravel_index(np.argmax(sub), sub.shape)
+        if sub.size <= 9 or max(sub.shape) <= min_sep:
+            peaks.append((iy + sl[0].start, ix + sl[1].start, float(sub[iy, ix]), lab))
+            continue
+        mf = ndimage.maximum_filter(sub, size=2 * r + 1, mode="constant", cval=-np.inf)
+        ys, xs = np.nonzero((sub == mf) & np.isfinite(sub))
+        order = np.argsort(-sub[ys, xs])
+        kept = []
+        for y, x in zip(ys[order], xs[order]):
+            if all((y - ky) ** 2 + (x - kx) ** 2 >= min_sep**2 for ky, kx in kept):
+                kept.append((y, x))
+        peaks.extend((y + sl[0].start, x + sl[1].start, float(sub[y, x]), lab) for y, x in kept)
+    return labels, slices, peaks
+
+
+def _refine_peak(sig: np.ndarray, iy: int, ix: int) -> tuple[float, float]:
+    """Sub-pixel peak of ``sig`` by a parabola through 3 pixels along each axis."""
+    ny, nx = sig.shape
+
+    def offset(fm, f0, fp):
+        den = fm - 2.0 * f0 + fp
+        if den >= 0:
+            return 0.0
+        return float(np.clip(0.5 * (fm - fp) / den, -0.5, 0.5))
+
+    dx = offset(sig[iy, ix - 1], sig[iy, ix], sig[iy, ix + 1]) if 0 < ix < nx - 1 else 0.0
+    dy = offset(sig[iy - 1, ix], sig[iy, ix], sig[iy + 1, ix]) if 0 < iy < ny - 1 else 0.0
+    return ix + dx, iy + dy
+
+
+def _shifted_psf(psf, x: float, y: float) -> tuple[np.ndarray, int, int]:
+    """PSF model at ``(x, y)`` shifted to the sub-pixel position; with its integer centre."""
+    ix, iy = int(np.round(x)), int(np.round(y))
+    k = psf.at(x, y)
+    k = ndimage.shift(k, (y - iy, x - ix), order=3, mode="constant")
+    return k, ix, iy
+
+
+def _stamp(shape, ix: int, iy: int, h: int):
+    """Slices of the image and of a ``2h+1`` stamp centred on ``(ix, iy)``, clipped."""
+    ny, nx = shape
+    y0, y1 = max(iy - h, 0), min(iy + h + 1, ny)
+    x0, x1 = max(ix - h, 0), min(ix + h + 1, nx)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    img = (slice(y0, y1), slice(x0, x1))
+    stp = (slice(y0 - iy + h, y1 - iy + h), slice(x0 - ix + h, x1 - ix + h))
+    return img, stp
+
+
+def _weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    ok = ~bad & np.isfinite(var) & (var > 0)
+    return np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
+
+
+def _psf_fit(image, variance, bad, psf, x: float, y: float) -> tuple[float, float]:
+    """Weighted least-squares PSF amplitude at ``(x, y)``: flux and error (image units)."""
+    k, ix, iy = _shifted_psf(psf, x, y)
+    st = _stamp(image.shape, ix, iy, k.shape[0] // 2)
+    if st is None:
+        return np.nan, np.nan
+    img_sl, stp_sl = st
+    p = k[stp_sl]
+    w = _weights(variance[img_sl], bad[img_sl])
+    d = np.where(w > 0, image[img_sl], 0.0)
+    spp = float((w * p * p).sum())
+    if spp <= 0:
+        return np.nan, np.nan
+    return float((w * p * d).sum() / spp), float(1.0 / np.sqrt(spp))
+
+
+def _dipole_fit(image, variance, bad, psf, xy_pos, xy_neg):
+    """Joint fit of two PSFs at the two lobes; (f_pos, err_pos, f_neg, err_neg)."""
+    kp, ixp, iyp = _shifted_psf(psf, *xy_pos)
+    kn, ixn, iyn = _shifted_psf(psf, *xy_neg)
+    h = kp.shape[0] // 2
+    x0, x1 = max(min(ixp, ixn) - h, 0), min(max(ixp, ixn) + h + 1, image.shape[1])
+    y0, y1 = max(min(iyp, iyn) - h, 0), min(max(iyp, iyn) + h + 1, image.shape[0])
+    models = []
+    for k, ix, iy in ((kp, ixp, iyp), (kn, ixn, iyn)):
+        m = np.zeros((y1 - y0, x1 - x0))
+        ya, xa = iy - h - y0, ix - h - x0
+        ys = slice(max(ya, 0), min(ya + k.shape[0], m.shape[0]))
+        xs = slice(max(xa, 0), min(xa + k.shape[1], m.shape[1]))
+        m[ys, xs] = k[ys.start - ya:ys.stop - ya, xs.start - xa:xs.stop - xa]
+        models.append(m.ravel())
+    sl = (slice(y0, y1), slice(x0, x1))
+    w = _weights(variance[sl], bad[sl]).ravel()
+    d = np.where(w > 0, image[sl].ravel(), 0.0)
+    a = np.array(models)
+    mat = (a * w) @ a.T
+    try:
+        cov = np.linalg.inv(mat)
+    except np.linalg.LinAlgError:
+        return np.nan, np.nan, np.nan, np.nan
+    f = cov @ ((a * w) @ d)
+    err = np.sqrt(np.clip(np.diag(cov), 0, None))
+    return float(f[0]), float(err[0]), float(f[1]), float(err[1])
+
+
+def _flags(mask: np.ndarray, labels: np.ndarray, sl, lab: int, x: float, y: float,
+           radius: float, edge_width: int) -> tuple[bool, bool, bool]:
+    """(edge, saturated, bad) from the footprint plus a disc around ``(x, y)``."""
+    ny, nx = mask.shape
+    r = int(np.ceil(radius))
+    y0 = max(min(sl[0].start, int(y) - r), 0)
+    y1 = min(max(sl[0].stop, int(y) + r + 2), ny)
+    x0 = max(min(sl[1].start, int(x) - r), 0)
+    x1 = min(max(sl[1].stop, int(x) + r + 2), nx)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    region = (labels[y0:y1, x0:x1] == lab) | ((xx - x) ** 2 + (yy - y) ** 2 <= radius**2)
+    m = np.bitwise_or.reduce(mask[y0:y1, x0:x1][region]) if region.any() else 0
+    near_border = ((xx[region] < edge_width) | (yy[region] < edge_width)
+                   | (xx[region] >= nx - edge_width) | (yy[region] >= ny - edge_width)).any()
+    edge = bool(near_border or (m & masks.bit("EDGE")))
+    sat = bool(m & masks.bit("SAT"))
+    bad = bool(m & masks.bits(*_BAD_FLAG_PLANES))
+    return edge, sat, bad
+
+
+def _measure_side(diff: Exposure, sig: np.ndarray, sign: int, threshold: float, min_sep: float,
+                  bad: np.ndarray, flag_radius: float) -> list[dict]:
+    """Detect and measure the sources of one sign (``+1`` or ``-1``)."""
+    s = sig if sign > 0 else -sig
+    labels, slices, peaks = _peaks_in_footprints(s, threshold, min_sep)
+    areas = np.bincount(labels.ravel()) if peaks else None
+    edge_width = diff.psf.kernel_size // 2
+    rows = []
+    for iy, ix, val, lab in peaks:
+        x, y = _refine_peak(s, iy, ix)
+        flux, err = _psf_fit(diff.image, diff.variance, bad, diff.psf, x, y)
+        edge, sat, badf = _flags(diff.mask, labels, slices[lab - 1], lab, x, y, flag_radius,
+                                 edge_width)
+        rows.append({"x": x, "y": y, "psfFlux": flux, "psfFluxErr": err, "snr": val,
+                     "isNegative": sign < 0, "isDipole": False, "pixelFlags_edge": edge,
+                     "pixelFlags_saturated": sat, "pixelFlags_bad": badf,
+                     "psfSnr": flux / err if err > 0 else np.nan, "dipoleNegFlux": np.nan,
+                     "dipoleNegFluxErr": np.nan, "dipoleSeparation": np.nan,
+                     "footprintArea": int(areas[lab])})
+    return rows
+
+
+def _merge_dipoles(diff: Exposure, bad: np.ndarray, pos: list[dict], neg: list[dict],
+                   max_sep: float, max_ratio: float) -> list[dict]:
+    """Merge close positive/negative pairs of comparable flux into dipole rows."""
+    pairs = []
+    for i, p in enumerate(pos):
+        for j, n in enumerate(neg):
+            d = np.hypot(p["x"] - n["x"], p["y"] - n["y"])
+            if d <= max_sep:
+                pairs.append((d, i, j))
+    used_p, used_n, out = set(), set(), []
+    for d, i, j in sorted(pairs):
+        if i in used_p or j in used_n:
+            continue
+        p, n = pos[i], neg[j]
+        fp, fn = abs(p["psfFlux"]), abs(n["psfFlux"])
+        if not (np.isfinite(fp) and np.isfinite(fn)) or min(fp, fn) <= 0 \
+                or max(fp, fn) / min(fp, fn) > max_ratio:
+            continue
+        used_p.add(i), used_n.add(j)
+        f_p, e_p, f_n, e_n = _dipole_fit(diff.image, diff.variance, bad, diff.psf,
+                                         (p["x"], p["y"]), (n["x"], n["y"]))
+        out.append({**p, "x": 0.5 * (p["x"] + n["x"]), "y": 0.5 * (p["y"] + n["y"]),
+                    "psfFlux": f_p, "psfFluxErr": e_p, "snr": max(p["snr"], n["snr"]),
+                    "isNegative": False, "isDipole": True,
+                    "pixelFlags_edge": p["pixelFlags_edge"] or n["pixelFlags_edge"],
+                    "pixelFlags_saturated": p["pixelFlags_saturated"] or n["pixelFlags_saturated"],
+                    "pixelFlags_bad": p["pixelFlags_bad"] or n["pixelFlags_bad"],
+                    "psfSnr": f_p / e_p if e_p > 0 else np.nan, "dipoleNegFlux": f_n,
+                    "dipoleNegFluxErr": e_n, "dipoleSeparation": float(d),
+                    "footprintArea": p["footprintArea"] + n["footprintArea"]})
+    rest = [p for i, p in enumerate(pos) if i not in used_p]
+    rest += [n for j, n in enumerate(neg) if j not in used_n]
+    return out + rest
+
+
+def _bad_pixels(diff: Exposure) -> np.ndarray:
+    return (masks.any_set(diff.mask, *NO_PEAK_PLANES) | ~np.isfinite(diff.image)
+            | ~np.isfinite(diff.variance))
+
+
+def _check_diff(diff: Exposure):
+    if diff.psf is None:
+        raise ValueError("the difference image needs a PSF model for detection and measurement")
+
+
+def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
+                       min_separation_px: float | None = None,
+                       dipole_max_sep_px: float | None = None,
+                       dipole_flux_ratio: float = 3.0,
+                       flag_radius_px: float | None = None) -> pd.DataFrame:
+    """Detect and measure positive, negative and dipole DIASources.
+
+    Parameters
+    ----------
+    diff : Exposure
+        Difference image (nJy), variance (nJy^2), mask and PSF.
+    threshold : float
+        Detection threshold on the matched-filter significance (sigma).
+    min_separation_px : float, optional
+        Minimum distance between two peaks of one footprint (default 2 FWHM of
+        the difference PSF).
+    dipole_max_sep_px : float, optional
+        Maximum lobe separation of a dipole (default 2 FWHM).
+    dipole_flux_ratio : float
+        Maximum ratio of the lobes' absolute PSF fluxes for a dipole.
+    flag_radius_px : float, optional
+        Radius of the disc around the centroid added to the footprint for the
+        pixel flags (default 1 FWHM).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per DIASource with the columns of :data:`COLUMNS` (see module
+        docstring); empty with those columns when nothing is found.
+    """
+    _check_diff(diff)
+    if threshold <= 0:
+        raise ValueError(f"threshold must be positive (sigma), got {threshold}")
+    fwhm = diff.psf.fwhm()
+    min_sep = 2.0 * fwhm if min_separation_px is None else float(min_separation_px)
+    max_sep = 2.0 * fwhm if dipole_max_sep_px is None else float(dipole_max_sep_px)
+    radius = fwhm if flag_radius_px is None else float(flag_radius_px)
+    bad = _bad_pixels(diff)
+    sig = significance_image(diff.image, diff.variance, diff.psf.at(), bad)
+    pos = _measure_side(diff, sig, +1, threshold, min_sep, bad, radius)
+    neg = _measure_side(diff, sig, -1, threshold, min_sep, bad, radius)
+    rows = _merge_dipoles(diff, bad, pos, neg, max_sep, dipole_flux_ratio)
+    logger.info("detected %d positive, %d negative sources -> %d DIASources (%d dipoles)",
+                len(pos), len(neg), len(rows), sum(r["isDipole"] for r in rows))
+    if not rows:
+        return empty_catalog()
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    return df.astype(COLUMNS).sort_values(["y", "x"]).reset_index(drop=True)
+
+
+def forced_psf_photometry(diff: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """PSF-fit flux and error (nJy) at fixed positions of the difference image.
+
+    Parameters
+    ----------
+    diff : Exposure
+        Difference image with variance, mask and PSF.
+    x, y : float or array-like
+        0-based pixel positions.
+
+    Returns
+    -------
+    flux, flux_err : ndarray
+        Weighted least-squares PSF amplitudes and their errors from the
+        variance plane; NaN where no usable pixel overlaps the PSF.
+    """
+    _check_diff(diff)
+    x = np.atleast_1d(np.asarray(x, dtype=float))
+    y = np.atleast_1d(np.asarray(y, dtype=float))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+    bad = _bad_pixels(diff)
+    out = np.array([_psf_fit(diff.image, diff.variance, bad, diff.psf, xi, yi)
+                    for xi, yi in zip(x.ravel(), y.ravel())]).reshape(x.shape + (2,))
+    return out[..., 0], out[..., 1]

@@ -1,0 +1,67 @@
+"""The in-memory exposure: image, variance, mask, WCS, PSF and metadata.
+
+Every stage passes :class:`Exposure` objects; :mod:`diffim.io` reads and writes
+them as multi-extension FITS (IMAGE, MASK, VARIANCE, PSF).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from astropy.wcs import WCS
+
+from .masks import MASK_DTYPE
+from .psf import PsfModel
+
+
+@dataclass
+class Exposure:
+    """An image with its per-pixel variance and mask, WCS, PSF and metadata.
+
+    Attributes
+    ----------
+    image : ndarray (ny, nx) float32
+        Pixel values; units in ``meta["BUNIT"]`` (``electron`` for calexps,
+        ``nJy`` for warps, coadds and difference images).
+    variance : ndarray (ny, nx) float32
+        Per-pixel variance, in image units squared.
+    mask : ndarray (ny, nx) int32
+        Bit mask, planes from :mod:`diffim.masks`.
+    wcs : astropy.wcs.WCS or None
+        Celestial WCS mapping 0-based pixel ``(x, y)`` to ``(ra, dec)``.
+    psf : PsfModel or None
+        The PSF of ``image``.
+    meta : dict
+        FITS-style metadata (upper-case keys <= 8 characters): ``VISIT``,
+        ``DETECTOR``, ``BAND``, ``MJD-OBS``, ``EXPTIME``, ``ZEROPT`` ...
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    wcs: WCS | None = None
+    psf: PsfModel | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.image = np.asarray(self.image, dtype=np.float32)
+        self.variance = np.asarray(self.variance, dtype=np.float32)
+        self.mask = np.asarray(self.mask, dtype=MASK_DTYPE)
+        if not (self.image.shape == self.variance.shape == self.mask.shape):
+            raise ValueError(
+                f"image {self.image.shape}, variance {self.variance.shape} and "
+                f"mask {self.mask.shape} must have the same shape")
+        if self.image.ndim != 2:
+            raise ValueError(f"image must be 2-D, got shape {self.image.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)``."""
+        return self.image.shape
+
+    def copy(self, **changes) -> "Exposure":
+        """A copy with array planes copied and the given attributes replaced."""
+        new = replace(self, image=self.image.copy(), variance=self.variance.copy(),
+                      mask=self.mask.copy(), meta=dict(self.meta))
+        return replace(new, **changes) if changes else new

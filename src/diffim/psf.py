@@ -1,0 +1,235 @@
+"""PSF models: pixelized, spatially varying, one kernel size for every stage.
+
+A :class:`PsfModel` is a stack of ``n_terms`` pixel images (``coeffs``, shape
+``(n_terms, K, K)``) multiplied by a 2-D polynomial of order ``order`` in the
+scaled detector position::
+
+    PSF(x, y) = sum_k  P_k(u, v) * coeffs[k]
+    u = 2 x / (width - 1) - 1,   v = 2 y / (height - 1) - 1      (u, v in [-1, 1])
+
+with ``P_k`` the monomials ``u**i * v**j`` ordered by :func:`poly_terms`.  The
+kernel is centred on pixel ``(K // 2, K // 2)`` and ``K`` is odd.  A PSF
+evaluated with :meth:`PsfModel.at` is normalised to unit sum.
+
+The kernel size ``K`` is a single config value (``psf.kernel_size``): the
+calexp PSF, the coadd model PSF, the warps' PSF and every matching kernel
+are built with it, so the cookbook's "model PSF size must equal the
+measurement kernel size" failure cannot happen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+def poly_terms(u, v, order: int) -> np.ndarray:
+    """Monomials ``u**i v**j`` with ``i + j <= order``.
+
+    Parameters
+    ----------
+    u, v : float or array
+        Scaled coordinates in [-1, 1].
+    order : int
+        Polynomial order (0: constant).
+
+    Returns
+    -------
+    terms : ndarray, shape ``(n_terms,) + shape(u)``
+        Ordered by total degree, then by decreasing power of ``u``:
+        ``1, u, v, u^2, uv, v^2, ...``.
+    """
+    u = np.asarray(u, dtype=float)
+    v = np.asarray(v, dtype=float)
+    out = []
+    for deg in range(order + 1):
+        for j in range(deg + 1):
+            i = deg - j
+            out.append(u**i * v**j)
+    return np.array(out)
+
+
+def n_poly_terms(order: int) -> int:
+    """Number of monomials of a 2-D polynomial of the given order."""
+    return (order + 1) * (order + 2) // 2
+
+
+def check_kernel_size(size: int) -> int:
+    """Validate a kernel size: an odd integer >= 5.  Returns it as ``int``."""
+    size = int(size)
+    if size < 5 or size % 2 == 0:
+        raise ValueError(f"PSF kernel size must be an odd integer >= 5, got {size}")
+    return size
+
+
+def gaussian_kernel(fwhm: float, size: int, *, e1: float = 0.0, e2: float = 0.0,
+                    dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """Pixel-integrated-free (sampled) elliptical Gaussian, unit sum.
+
+    Parameters
+    ----------
+    fwhm : float
+        Full width at half maximum in pixels (geometric mean of the axes).
+    size : int
+        Odd kernel size K; centre at pixel ``(K//2, K//2)``.
+    e1, e2 : float
+        Ellipticity components (|e| < 1) of the second-moment matrix.
+    dx, dy : float
+        Sub-pixel offset of the centre, pixels.
+    """
+    size = check_kernel_size(size)
+    sigma = fwhm / FWHM_PER_SIGMA
+    c = size // 2
+    y, x = np.mgrid[:size, :size].astype(float)
+    x -= c + dx
+    y -= c + dy
+    # second-moment matrix with determinant sigma^4
+    e = np.hypot(e1, e2)
+    if e >= 1:
+        raise ValueError("ellipticity must be < 1")
+    s2 = sigma**2 / np.sqrt(1 - e**2)
+    cxx, cyy, cxy = s2 * (1 + e1), s2 * (1 - e1), s2 * e2
+    det = cxx * cyy - cxy**2
+    r2 = (cyy * x**2 - 2 * cxy * x * y + cxx * y**2) / det
+    k = np.exp(-0.5 * r2)
+    return k / k.sum()
+
+
+def moffat_kernel(fwhm: float, size: int, *, beta: float = 3.5, e1: float = 0.0,
+                  e2: float = 0.0, dx: float = 0.0, dy: float = 0.0,
+                  oversample: int = 5) -> np.ndarray:
+    """Pixel-integrated elliptical Moffat profile, unit sum.
+
+    ``I(r) ~ (1 + (r/alpha)^2)^-beta`` with ``alpha = fwhm / (2 sqrt(2^(1/beta) - 1))``,
+    integrated over pixels by ``oversample``-fold sub-sampling.
+    """
+    size = check_kernel_size(size)
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    c = size // 2
+    n = size * oversample
+    grid = (np.arange(n) + 0.5) / oversample - 0.5 - c
+    x = grid[None, :] - dx
+    y = grid[:, None] - dy
+    e = np.hypot(e1, e2)
+    if e >= 1:
+        raise ValueError("ellipticity must be < 1")
+    a2 = alpha**2 / np.sqrt(1 - e**2)
+    cxx, cyy, cxy = a2 * (1 + e1), a2 * (1 - e1), a2 * e2
+    det = cxx * cyy - cxy**2
+    r2 = (cyy * x**2 - 2 * cxy * x * y + cxx * y**2) / det
+    k = (1.0 + r2) ** (-beta)
+    k = k.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
+    return k / k.sum()
+
+
+def moments_fwhm(kernel: np.ndarray) -> float:
+    """FWHM (pixels) of the Gaussian with the same adaptive second moments.
+
+    Uses Gaussian-weighted adaptive moments (iterated), so that broad wings do
+    not dominate; for a Gaussian kernel it returns its FWHM exactly (up to
+    sampling).  The size is ``sqrt(det(M))**0.5`` of the moment matrix, i.e. the
+    geometric mean of the two axes.
+    """
+    k = np.asarray(kernel, dtype=float)
+    ny, nx = k.shape
+    y, x = np.mgrid[:ny, :nx].astype(float)
+    tot = k.sum()
+    xc = (k * x).sum() / tot
+    yc = (k * y).sum() / tot
+    mxx = myy = (min(nx, ny) / 8.0) ** 2
+    mxy = 0.0
+    for _ in range(100):
+        dx, dy = x - xc, y - yc
+        det = mxx * myy - mxy**2
+        w = np.exp(-0.5 * (myy * dx**2 - 2 * mxy * dx * dy + mxx * dy**2) / det)
+        kw = k * w
+        s = kw.sum()
+        xc_new = (kw * x).sum() / s
+        yc_new = (kw * y).sum() / s
+        # weighted moments of a Gaussian are half its moments (weight = same shape)
+        nxx = 2 * (kw * dx**2).sum() / s
+        nyy = 2 * (kw * dy**2).sum() / s
+        nxy = 2 * (kw * dx * dy).sum() / s
+        done = abs(nxx - mxx) < 1e-8 * mxx and abs(nyy - myy) < 1e-8 * myy
+        mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xc_new, yc_new
+        if done:
+            break
+    sigma = (mxx * myy - mxy**2) ** 0.25
+    return float(sigma * FWHM_PER_SIGMA)
+
+
+@dataclass(frozen=True)
+class PsfModel:
+    """Spatially varying pixelized PSF (see module docstring).
+
+    Attributes
+    ----------
+    coeffs : ndarray, shape (n_terms, K, K)
+        Polynomial coefficient images; term 0 is the PSF at the image centre.
+    order : int
+        Polynomial order of the spatial variation (0 = constant).
+    width, height : int
+        Size (pixels) of the image the model describes; sets the scaling of
+        ``x, y`` to ``u, v``.
+    """
+
+    coeffs: np.ndarray
+    order: int
+    width: int
+    height: int
+
+    def __post_init__(self):
+        c = np.asarray(self.coeffs, dtype=np.float64)
+        if c.ndim != 3 or c.shape[1] != c.shape[2]:
+            raise ValueError(f"coeffs must have shape (n_terms, K, K), got {c.shape}")
+        check_kernel_size(c.shape[1])
+        if c.shape[0] != n_poly_terms(self.order):
+            raise ValueError(f"order {self.order} needs {n_poly_terms(self.order)} "
+                             f"coefficient images, got {c.shape[0]}")
+        object.__setattr__(self, "coeffs", c)
+
+    @property
+    def kernel_size(self) -> int:
+        """Odd kernel size K (pixels)."""
+        return self.coeffs.shape[1]
+
+    @classmethod
+    def constant(cls, kernel: np.ndarray, width: int = 1, height: int = 1) -> "PsfModel":
+        """A spatially constant model from one kernel (normalised to unit sum)."""
+        k = np.asarray(kernel, dtype=float)
+        return cls(coeffs=(k / k.sum())[None], order=0, width=width, height=height)
+
+    @classmethod
+    def gaussian(cls, fwhm: float, size: int, width: int = 1, height: int = 1) -> "PsfModel":
+        """A constant circular Gaussian model PSF of the given FWHM (pixels)."""
+        return cls.constant(gaussian_kernel(fwhm, size), width, height)
+
+    def scaled_uv(self, x, y):
+        """Scaled coordinates ``(u, v)`` in [-1, 1] of pixel position ``(x, y)``."""
+        u = 2.0 * np.asarray(x, float) / max(self.width - 1, 1) - 1.0
+        v = 2.0 * np.asarray(y, float) / max(self.height - 1, 1) - 1.0
+        return u, v
+
+    def at(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        """PSF kernel (K, K), unit sum, at pixel ``(x, y)`` (default: centre)."""
+        if x is None:
+            x = (self.width - 1) / 2.0
+        if y is None:
+            y = (self.height - 1) / 2.0
+        u, v = self.scaled_uv(x, y)
+        w = poly_terms(u, v, self.order)
+        k = np.tensordot(w, self.coeffs, axes=(0, 0))
+        return k / k.sum()
+
+    def fwhm(self, x: float | None = None, y: float | None = None) -> float:
+        """Adaptive-moment FWHM (pixels) at ``(x, y)`` (default: centre)."""
+        return moments_fwhm(self.at(x, y))
+
+    def max_fwhm(self, n: int = 5) -> float:
+        """Largest FWHM (pixels) over an ``n x n`` grid spanning the image."""
+        xs = np.linspace(0, self.width - 1, n)
+        ys = np.linspace(0, self.height - 1, n)
+        return max(self.fwhm(x, y) for x in xs for y in ys)

@@ -1,0 +1,126 @@
+"""PSF-matched warps: a calexp matched to the model PSF and resampled to a patch.
+
+Match, then warp.  The matching kernel is solved in the detector frame, where
+the PSF was measured, so the PSF never has to be resampled; and because the
+model PSF is a circular Gaussian and the patch pixel scale is (by default)
+the native one, resampling leaves the model PSF unchanged.  The image is
+converted from electrons to nJy here, once (:func:`to_njy`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from astropy.wcs import WCS
+
+from . import masks
+from .errors import NoOverlapError, PsfFitError
+from .exposure import Exposure
+from .kernel import can_match, match_exposure
+from .psf import PsfModel, gaussian_kernel
+from .warp import warp_exposure
+
+logger = logging.getLogger(__name__)
+
+
+def to_njy(calexp: Exposure) -> Exposure:
+    """The calexp in nJy per pixel (image x NJYPERE, variance x NJYPERE^2).
+
+    The one place where electrons become nJy; ``NJYPERE`` comes from the
+    calexp's zero point (:func:`diffim.photometry.njy_per_electron`).
+    """
+    if calexp.meta.get("BUNIT") == "nJy":
+        return calexp
+    scale = float(calexp.meta["NJYPERE"])
+    return calexp.copy(image=calexp.image * np.float32(scale),
+                       variance=calexp.variance * np.float32(scale**2),
+                       meta={**calexp.meta, "BUNIT": "nJy"})
+
+
+def patch_overlap_box(calexp_wcs: WCS, calexp_shape, patch_wcs: WCS, patch_shape, *,
+                      pad: int) -> tuple[int, int, int, int] | None:
+    """Box ``(x0, y0, x1, y1)`` of patch pixels covered by a calexp, padded, clipped.
+
+    Returns None when the calexp does not reach the patch.
+    """
+    ny, nx = calexp_shape
+    t = np.linspace(0, 1, 33)
+    xs = np.concatenate([t * (nx - 1), np.full_like(t, nx - 1), t * (nx - 1), np.zeros_like(t)])
+    ys = np.concatenate([np.zeros_like(t), t * (ny - 1), np.full_like(t, ny - 1), t * (ny - 1)])
+    px, py = patch_wcs.world_to_pixel_values(*calexp_wcs.pixel_to_world_values(xs, ys))
+    x0 = max(int(np.floor(px.min())) - pad, 0)
+    y0 = max(int(np.floor(py.min())) - pad, 0)
+    x1 = min(int(np.ceil(px.max())) + pad + 1, patch_shape[1])
+    y1 = min(int(np.ceil(py.max())) + pad + 1, patch_shape[0])
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return x0, y0, x1, y1
+
+
+def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_shape, *,
+              regularization: float = 1e-3) -> Exposure:
+    """PSF-match a calexp to the model PSF and warp it onto a patch.
+
+    Parameters
+    ----------
+    calexp : Exposure
+        Calibrated exposure (electrons, measured PSF, fitted WCS, ``NJYPERE``).
+    model_fwhm_arcsec : float
+        FWHM of the circular Gaussian model PSF, arcsec.
+    patch_wcs, patch_shape
+        The patch's WCS and outer shape ``(ny, nx)``.
+
+    Returns
+    -------
+    Exposure
+        The warp in nJy per patch pixel, cropped to the box it covers:
+        ``meta["XOFFSET"], meta["YOFFSET"]`` is the patch pixel of its (0, 0).
+        Its ``psf`` is the model PSF in patch pixels.
+
+    Raises
+    ------
+    PsfFitError
+        The visit PSF is broader than the model PSF somewhere on the detector
+        (matching would need deconvolution).
+    NoOverlapError
+        The calexp does not reach the patch.
+    """
+    size = calexp.psf.kernel_size
+    scale = _pixel_scale(calexp.wcs)
+    model = gaussian_kernel(model_fwhm_arcsec / scale, size)
+    for x, y in _check_points(calexp.shape):
+        ok, reason = can_match(calexp.psf.at(x, y), model)
+        if not ok:
+            raise PsfFitError(f"at pixel ({x:.0f}, {y:.0f}): {reason}")
+    matched = match_exposure(to_njy(calexp), model, regularization=regularization)
+    box = patch_overlap_box(calexp.wcs, calexp.shape, patch_wcs, patch_shape, pad=2)
+    if box is None:
+        raise NoOverlapError("the exposure does not overlap this patch")
+    x0, y0, x1, y1 = box
+    sub_wcs = patch_wcs.deepcopy()
+    sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
+    warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0))
+    patch_scale = _pixel_scale(patch_wcs)
+    psf = PsfModel.gaussian(model_fwhm_arcsec / patch_scale, size,
+                            width=patch_shape[1], height=patch_shape[0])
+    meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")
+            if k in calexp.meta}
+    meta.update(BUNIT="nJy", XOFFSET=x0, YOFFSET=y0, MODELFWH=model_fwhm_arcsec,
+                NGOOD=int(np.isfinite(warped.image).sum()))
+    return Exposure(image=warped.image, variance=warped.variance, mask=warped.mask,
+                    wcs=sub_wcs, psf=psf, meta=meta)
+
+
+def _check_points(shape):
+    ny, nx = shape
+    return [(x, y) for x in (0, (nx - 1) / 2, nx - 1) for y in (0, (ny - 1) / 2, ny - 1)]
+
+
+def _pixel_scale(wcs: WCS) -> float:
+    return float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+
+
+def has_data(warp: Exposure) -> bool:
+    """True when the warp has at least one usable pixel."""
+    return bool(np.any(np.isfinite(warp.image) & ((warp.mask & masks.bit("NO_DATA")) == 0)))

@@ -1,0 +1,90 @@
+# Stage 2: one sky map for all bands (a checkpoint: the patches a visit
+# touches are known only once every calexp's WCS is fitted), per-visit
+# PSF-matched warps, and one coadd per (band, patch).
+
+
+checkpoint skymap:
+    input:
+        qa=calexp_qa_files,
+    output:
+        skymap=path("skymap", "skymap.json"),
+        overlaps=path("skymap", "overlaps.parquet"),
+    params:
+        skymap=config["skymap"],
+        coadd=config["coadd"],
+        psf=config["psf"],
+    log:
+        path("logs", "skymap.log"),
+    threads: 1
+    resources:
+        mem_mb=mem(1000),
+        runtime=10,
+    script:
+        "../../scripts/skymap.py"
+
+
+def _warp_output(name):
+    target = path("warp", "{band}", "{patch}", name)
+    return target if config["coadd"]["keep_warps"] else temp(target)
+
+
+rule warp:
+    input:
+        calexp=path("calexp", "v{visit}-d{detector}.fits"),
+    output:
+        warp=_warp_output("v{visit}-d{detector}.fits"),
+    params:
+        skymap=skymap_json,
+        model_fwhm_arcsec=band_model_fwhm,
+    log:
+        path("logs", "warp", "{band}", "{patch}", "v{visit}-d{detector}.log"),
+    benchmark:
+        path("benchmarks", "warp", "{band}", "{patch}", "v{visit}-d{detector}.tsv")
+    group:
+        "per_visit"
+    threads: 1
+    resources:
+        mem_mb=mem(3000),
+        runtime=20,
+    script:
+        "../../scripts/warp.py"
+
+
+def coadd_warps(wildcards):
+    rows = overlaps()
+    rows = rows[(rows["band"] == wildcards.band) & (rows["patch"] == wildcards.patch)
+                & rows["included"]]
+    return [path("warp", wildcards.band, wildcards.patch, f"v{v}-d{d}.fits")
+            for v, d in zip(rows["visit"], rows["detector"])]
+
+
+def coadd_candidates(wildcards):
+    """Every visit overlapping the patch in the band, with its selection verdict."""
+    rows = overlaps()
+    rows = rows[(rows["band"] == wildcards.band) & (rows["patch"] == wildcards.patch)]
+    return [dict(visit=int(v), detector=int(d), included=bool(i), reason=str(r))
+            for v, d, i, r in zip(rows["visit"], rows["detector"], rows["included"], rows["reason"])]
+
+
+rule coadd:
+    input:
+        warps=coadd_warps,
+    output:
+        coadd=path("coadd", "{band}", "{patch}", "coadd.fits"),
+        inputs=path("coadd", "{band}", "{patch}", "coadd_inputs.parquet"),
+    params:
+        coadd=config["coadd"],
+        candidates=coadd_candidates,
+        skymap=skymap_json,
+        model_fwhm_arcsec=band_model_fwhm,
+        kernel_size=config["psf"]["kernel_size"],
+    log:
+        path("logs", "coadd", "{band}", "{patch}.log"),
+    benchmark:
+        path("benchmarks", "coadd", "{band}", "{patch}.tsv")
+    threads: 1
+    resources:
+        mem_mb=mem(3000),
+        runtime=30,
+    script:
+        "../../scripts/coadd.py"

@@ -1,0 +1,97 @@
+# Shared definitions: config validation, paths and the cached readers of the
+# two checkpoints (exposure index and sky map).
+import functools
+import os
+
+import pandas as pd
+from snakemake.utils import validate
+
+from diffim.config import check_config
+from diffim.index import expand_globs
+
+
+validate(config, "../../config/schema.yaml")
+check_config(config)
+
+OUT = config["outdir"].rstrip("/")
+SIMULATE = config["images"] is None
+REFCAT = os.path.join(OUT, "sim", "refcat.parquet") if SIMULATE else config["refcat"]
+LOGS = os.path.join(OUT, "logs")
+BENCH = os.path.join(OUT, "benchmarks")
+
+
+wildcard_constraints:
+    visit=r"\d+",
+    detector=r"\d+",
+    band=r"[a-z0-9_\-]+",
+    patch=r"\d+,\d+",
+
+
+def mem(base_mb):
+    """mem_mb resource growing with the attempt number (SLURM retries)."""
+    return lambda wildcards, attempt: int(base_mb * attempt)
+
+
+def path(*parts):
+    return os.path.join(OUT, *parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_parquet_cached(file, mtime_ns):
+    return pd.read_parquet(file)
+
+
+def read_cached(file):
+    """Read a checkpoint table once per DAG evaluation (cached by mtime)."""
+    return _read_parquet_cached(file, os.stat(file).st_mtime_ns)
+
+
+def exposures():
+    """The ok rows of the exposure index (a checkpoint)."""
+    table = read_cached(checkpoints.exposure_index.get().output.index)
+    return table[table["status"] == "ok"]
+
+
+def exposure_file(wildcards):
+    table = exposures()
+    row = table[(table["visit"] == int(wildcards.visit))
+                & (table["detector"] == int(wildcards.detector))]
+    return row["file"].iloc[0]
+
+
+def calexp_qa_files(wildcards=None):
+    return [path("calexp", f"v{v}-d{d}.qa.json")
+            for v, d in zip(exposures()["visit"], exposures()["detector"])]
+
+
+def overlaps():
+    """Rows (visit, detector, band, patch, included, reason) of the sky map checkpoint."""
+    return read_cached(checkpoints.skymap.get().output.overlaps)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_text_cached(file, mtime_ns):
+    with open(file) as f:
+        return f.read()
+
+
+def skymap_json(wildcards=None):
+    """The sky map as JSON text.
+
+    Passed to rules as a *param*, not an input file: the sky map is rebuilt
+    whenever a calexp changes, and an input file's new mtime would then redo
+    every warp; as a param, a job reruns only if the sky map really changed.
+    """
+    file = checkpoints.skymap.get().output.skymap
+    return _read_text_cached(file, os.stat(file).st_mtime_ns)
+
+
+def band_model_fwhm(wildcards):
+    """Model PSF FWHM (arcsec) of the band of a warp or coadd job."""
+    rows = overlaps()
+    return float(rows.loc[rows["band"] == wildcards.band, "model_fwhm_arcsec"].iloc[0])
+
+
+def final_products():
+    return [path("dia_sources.parquet"), path("visit_status.parquet"),
+            path("coadd_inputs.parquet")]

@@ -1,0 +1,57 @@
+# Stage 3: per (visit, detector), the coadd resampled into the visit frame is
+# subtracted and DIASources are detected and measured. Always writes its
+# outputs; a visit without a template gets a failed status, not a crash.
+
+
+def _visit_rows(wildcards):
+    rows = overlaps()
+    return rows[(rows["visit"] == int(wildcards.visit))
+                & (rows["detector"] == int(wildcards.detector))]
+
+
+def diff_coadds(wildcards):
+    rows = _visit_rows(wildcards)
+    return [path("coadd", b, p, "coadd.fits") for b, p in zip(rows["band"], rows["patch"])]
+
+
+def diff_coadd_inputs(wildcards):
+    rows = _visit_rows(wildcards)
+    return [path("coadd", b, p, "coadd_inputs.parquet") for b, p in zip(rows["band"], rows["patch"])]
+
+
+def diff_own_warps(wildcards):
+    """The visit's own warps, needed to remove it from its template (leave-one-out)."""
+    if not config["diff"]["leave_one_out"]:
+        return []
+    rows = _visit_rows(wildcards)
+    rows = rows[rows["included"]]
+    return [path("warp", b, p, f"v{wildcards.visit}-d{wildcards.detector}.fits")
+            for b, p in zip(rows["band"], rows["patch"])]
+
+
+rule diff:
+    input:
+        calexp=path("calexp", "v{visit}-d{detector}.fits"),
+        coadds=diff_coadds,
+        coadd_inputs=diff_coadd_inputs,
+        own_warps=diff_own_warps,
+    output:
+        diff=path("diff", "v{visit}-d{detector}.fits"),
+        sources=path("diff", "v{visit}-d{detector}.dia_sources.parquet"),
+        status=path("diff", "v{visit}-d{detector}.status.json"),
+    params:
+        diff=config["diff"],
+        skymap=skymap_json,
+        patches=lambda wc: list(_visit_rows(wc)["patch"]),
+    log:
+        path("logs", "diff", "v{visit}-d{detector}.log"),
+    benchmark:
+        path("benchmarks", "diff", "v{visit}-d{detector}.tsv")
+    group:
+        "per_visit"
+    threads: 1
+    resources:
+        mem_mb=mem(3000),
+        runtime=30,
+    script:
+        "../../scripts/diff.py"
