@@ -146,6 +146,7 @@ class SlurmCluster:
         self.conf_path = DEFAULT_SLURM_CONF
         self._backup: Path | None = None
         self._created_conf_dir = False
+        self._installed = False
         self.env: dict[str, str] = {}
         self.nodename = socket.gethostname().split(".")[0]
         self.hardware: dict[str, int] = {}
@@ -259,6 +260,7 @@ class SlurmCluster:
                 shutil.copy2(self.conf_path, backup)
                 self._backup = backup
                 logger.info("Moved the existing %s aside to %s.", self.conf_path, backup)
+        self._installed = True
         self.conf_path.write_text(text)
         (self.root / "slurm.conf").write_text(text)  # a copy next to the logs
 
@@ -375,8 +377,9 @@ class SlurmCluster:
                 self._release_lock()
 
     def _restore_conf(self) -> None:
-        if self._lock is None:  # never installed ours (or already restored)
+        if not self._installed:  # never installed ours (or already restored)
             return
+        self._installed = False
         if self.conf_path.exists() and self.conf_path.read_text(errors="replace").startswith(CONF_MARKER):
             self.conf_path.unlink()
         if self._backup is not None and self._backup.exists():

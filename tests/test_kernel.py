@@ -12,7 +12,7 @@ from diffim.kernel import (can_match, convolve_spatially_varying, convolve_varia
                            match_exposure, matching_kernel, matching_kernel_model, or_window)
 from diffim.masks import MASK_DTYPE, bit
 from diffim.psf import (FWHM_PER_SIGMA, PsfModel, gaussian_kernel, moffat_kernel,
-                        moments_fwhm)
+                        moments_fwhm, poly_terms)
 
 K = 31            # kernel size used throughout
 MODEL_FWHM = 5.0  # model PSF FWHM, pixels
@@ -114,7 +114,6 @@ def test_spatially_varying_convolution_is_kernel_at_input_pixel():
     for y in range(ny):
         for x in range(nx):
             u, v = model.scaled_uv(x, y)
-            from diffim.psf import poly_terms
             k = np.tensordot(poly_terms(u, v, 2), model.coeffs, axes=(0, 0))
             expected[y:y + size, x:x + size] += image[y, x] * k
     c = size // 2

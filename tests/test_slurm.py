@@ -16,6 +16,7 @@ Tests:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm_cluster import CONF_MARKER, DEFAULT_SLURM_CONF, SlurmCluster, daemon_pids, missing_binaries
 
@@ -42,8 +44,9 @@ pytestmark = [
 ]
 
 # Settings passed on the command line on top of the profile, to keep a test
-# run short: the first status check after 2 s instead of the profile's 10 s.
-# (The executor polls squeue; MinJobAge 300 s >= 3 x 2 s keeps that valid.)
+# run short: the first status check after 6 s instead of the profile's 10 s
+# (the toy jobs take about 5 s; polling sooner only adds a 10 s back-off).
+# (The executor polls squeue; MinJobAge 300 s >= 3 x 6 s keeps that valid.)
 FAST = ["--slurm-init-seconds-before-status-checks", "6"]
 
 
@@ -238,21 +241,26 @@ def test_toy_workflow_groups_and_retries(cluster, tmp_path):
     print(f"toy workflow through SLURM: {elapsed:.1f} s, SLURM jobs {sorted(kept, key=int)}")
 
 
-# Tiny simulated dataset for the real workflow: 4 visits of 256x256 pixels, one band.
-TINY_SIMULATE = "{n_visits: 4, shape: [256, 256], bands: [r]}"
-
-
 def test_real_workflow_through_slurm(cluster, tmp_path):
-    """The diffim workflow, through the profile, writes its products from SLURM jobs."""
+    """The diffim workflow, through the profile, writes its products from SLURM jobs.
+
+    Uses the same tiny simulated dataset as tests/test_workflow.py (conftest's
+    ``tiny_config``), given as a config file: ``--config simulate='{shape: [400, 400]}'``
+    would reach the workflow as strings (Snakemake parses only top-level values).
+    """
+    from conftest import tiny_config
+
     snakefile = REPO / "Snakefile"
     assert snakefile.exists(), f"the workflow's Snakefile is missing: {snakefile}"
     outdir = tmp_path / "results"
+    config = tiny_config(outdir=str(outdir))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(config))
     before = allocated_job_ids(cluster)
     t0 = time.monotonic()
     run_snakemake(cluster, tmp_path,
-                  ["--snakefile", str(snakefile), "--cores", "2",
-                   "--config", f"outdir={outdir}", f"simulate={TINY_SIMULATE}"],
-                  timeout=420)
+                  ["--snakefile", str(snakefile), "--cores", "2", "--configfile", str(config_file)],
+                  timeout=480)
     elapsed = time.monotonic() - t0
     for product in ("dia_sources.parquet", "visit_status.parquet", "coadd_inputs.parquet"):
         assert (outdir / product).is_file(), f"{product} was not written"
@@ -260,4 +268,12 @@ def test_real_workflow_through_slurm(cluster, tmp_path):
     new = allocated_job_ids(cluster) - before
     assert kept, "no SLURM job logs in .snakemake/slurm_logs: the jobs did not go through SLURM"
     assert kept <= new, "job logs name SLURM jobs that slurmctld never started"
+    # Per-visit stages ran batched: at most ceil(n_visits / group-components) SLURM
+    # jobs per stage (group-components is 4 for each stage in the profile).
+    n_visits = config["simulate"]["n_visits"]
+    logs = tmp_path / ".snakemake" / "slurm_logs"
+    for stage in ("calexp", "warp", "diff"):
+        jobs = [p for g in logs.glob(f"group_{stage}_batch*") for p in g.rglob("*.log")]
+        assert 1 <= len(jobs) <= math.ceil(n_visits / 4), \
+            f"{stage}: expected {math.ceil(n_visits / 4)} batched SLURM jobs, found {jobs}"
     print(f"real workflow through SLURM: {elapsed:.1f} s, {len(kept)} SLURM jobs")

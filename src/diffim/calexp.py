@@ -18,12 +18,12 @@ from astropy.wcs import WCS
 from . import masks
 from .astrometry import fit_wcs
 from .background import estimate_background, variance_plane
-from .defects import find_defects
+from .defects import find_bleed_trails, find_defects, find_saturated
 from .errors import CalibrationError, InputError, NoUsableStarsError
 from .exposure import Exposure
 from .photometry import fit_zeropoint, njy_per_electron
 from .psffit import fit_psf, measure_psf_flux
-from .sources import detect_sources, select_psf_stars
+from .sources import detect_sources, estimate_psf_fwhm, select_psf_stars
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class CalexpConfig:
     background_box: int = 128
     read_noise: float = 5.0
     saturation: float | None = None
-    cosmic_rays: bool = True
     sip_order: int = 2
     max_shift_arcsec: float = 10.0
     max_rot_deg: float = 0.2
@@ -110,20 +109,22 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     """
     nodata = validate_pixels(image, path)
     mask = np.where(nodata, masks.bit("NO_DATA"), 0).astype(masks.MASK_DTYPE)
-    filled = np.where(nodata, 0.0, image).astype(np.float32)
+    raw = np.where(nodata, 0.0, image).astype(np.float32)
     read_noise = meta.get("rdnoise") or config.read_noise
-    gain = 1.0  # pixels are electrons already (io converts ADU)
     saturation = meta.get("saturate") or config.saturation or float(np.nanmax(image)) * 1.001
 
-    bkg, _ = estimate_background(filled, mask, box=config.background_box)
-    variance = variance_plane(filled, read_noise=read_noise, gain=gain, background=bkg, mask=mask)
-    sub = (filled - bkg).astype(np.float32)
-
-    fwhm0 = _rough_fwhm(sub, variance, mask, config)
-    mask |= find_defects(sub, variance, saturation=saturation - float(np.median(bkg)),
-                         psf_fwhm_px=fwhm0, existing_mask=mask, raw_image=filled,
-                         cosmic_rays=config.cosmic_rays)
-    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold)
+    sat = find_saturated(raw, saturation=saturation)
+    sat |= find_bleed_trails(raw, sat, saturation=saturation)
+    mask[sat] |= masks.bit("SAT")
+    bkg, _ = estimate_background(raw, mask, box=config.background_box)
+    variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
+    sub = (raw - bkg).astype(np.float32)
+    first = detect_sources(sub, variance, mask, nsigma=max(config.detect_threshold, 10.0))
+    fwhm0 = _first_fwhm(sub, first, mask, config.kernel_size, path)
+    mask = find_defects(sub, variance, saturation=saturation, psf_fwhm_px=fwhm0,
+                        existing_mask=mask, raw_image=raw)
+    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
+                             psf_fwhm_px=fwhm0)
     if len(sources) < 3:
         raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
                                  f"{config.detect_threshold} sigma (cloudy, empty or broken image)")
@@ -134,31 +135,32 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
                     approx_wcs, shape=image.shape, max_shift_arcsec=config.max_shift_arcsec,
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
                     sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec)
-    stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size)
+    stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
+                             saturation=saturation)
     if len(stars) < config.psf_min_stars:
         raise NoUsableStarsError(
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
             f"(psf.min_stars = {config.psf_min_stars})")
     psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
-                      order=config.psf_max_order)
+                      order=config.psf_max_order, min_stars=config.psf_min_stars)
     mask |= _edge_mask(image.shape, config.kernel_size)
-    zp, phot = _calibrate(sub, variance, psf_fit.psf, sources, astro, ref, band, path)
-    sources = _annotate_sources(sources, astro, stars, phot)
+    zp, phot = _calibrate(sub, variance, mask, psf_fit.psf, sources, astro, ref, band)
+    sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
     exposure = Exposure(image=sub, variance=variance, mask=mask, wcs=astro.wcs, psf=psf_fit.psf,
                         meta=_calexp_meta(meta, zp, psf_fit, astro, bkg, saturation, read_noise))
     qa = _qa(meta, exposure, psf_fit, astro, zp, bkg, len(sources), len(stars))
     return CalexpResult(exposure=exposure, sources=sources, qa=qa)
 
 
-def _rough_fwhm(sub, variance, mask, config) -> float:
-    """First FWHM guess (px) from bright compact detections, for defect finding."""
-    cat = detect_sources(sub, variance, mask, nsigma=max(config.detect_threshold, 10.0))
-    if len(cat) < 3:
-        return 3.0
-    # sep's a, b are the RMS along the axes: FWHM = 2.355 sqrt(a b) for a Gaussian
-    size = 2.3548 * np.sqrt(cat["a"].to_numpy() * cat["b"].to_numpy())
-    bright = cat["flux"].to_numpy() > np.percentile(cat["flux"], 50)
-    return float(np.clip(np.percentile(size[bright], 25), 1.5, config.kernel_size / 4))
+def _first_fwhm(sub, catalog, mask, kernel_size, path) -> float:
+    """FWHM guess (px) from bright isolated detections, for cosmic-ray finding."""
+    if len(catalog) < 3:
+        raise NoUsableStarsError(f"{path}: only {len(catalog)} sources detected above 10 sigma "
+                                 "(cloudy, empty or broken image)")
+    fwhm = estimate_psf_fwhm(sub, catalog, mask, kernel_size=kernel_size)
+    if not np.isfinite(fwhm):
+        raise NoUsableStarsError(f"{path}: no star bright and isolated enough to measure the seeing")
+    return float(fwhm)
 
 
 def _refcat_for_band(refcat, band, path):
@@ -176,15 +178,14 @@ def _edge_mask(shape, kernel_size) -> np.ndarray:
     return edge
 
 
-def _calibrate(sub, variance, psf, sources, astro, ref, band, path):
+def _calibrate(sub, variance, mask, psf, sources, astro, ref, band):
     """Zero point from PSF fluxes of the astrometric matches with reference magnitudes."""
     i_src = astro.matches["src_index"].to_numpy()
     i_ref = astro.matches["ref_index"].to_numpy()
     x = sources["x"].to_numpy()[i_src]
     y = sources["y"].to_numpy()[i_src]
-    flux, err = np.empty(len(x)), np.empty(len(x))
-    for k, (xi, yi) in enumerate(zip(x, y)):
-        flux[k], err[k] = measure_psf_flux(sub, variance, psf.at(xi, yi), xi, yi)
+    flux, err, flag = measure_psf_flux(sub, variance, psf, x, y, mask=mask)
+    flux = np.where(flag, np.nan, flux)
     mag_err_col = f"{band}_magErr"
     mag_err = ref[mag_err_col].to_numpy()[i_ref] if mag_err_col in ref.columns else None
     zp = fit_zeropoint(flux, err, ref[f"{band}_mag"].to_numpy()[i_ref], mag_err)
@@ -195,7 +196,8 @@ def _annotate_sources(sources, astro, stars, phot):
     out = sources.copy()
     ra, dec = astro.wcs.pixel_to_world_values(out["x"].to_numpy(), out["y"].to_numpy())
     out["ra"], out["dec"] = ra, dec
-    out["psf_star"] = out.index.isin(stars.index)
+    used = stars.index[stars["used"]] if "used" in stars.columns else stars.index
+    out["psf_star"] = out.index.isin(used)
     out["astrometry_match"] = False
     out.loc[out.index[phot["i_src"]], "astrometry_match"] = True
     return out

@@ -131,7 +131,8 @@ def moments_fwhm(kernel: np.ndarray) -> float:
     Uses Gaussian-weighted adaptive moments (iterated), so that broad wings do
     not dominate; for a Gaussian kernel it returns its FWHM exactly (up to
     sampling).  The size is ``sqrt(det(M))**0.5`` of the moment matrix, i.e. the
-    geometric mean of the two axes.
+    geometric mean of the two axes.  Returns NaN when the iteration diverges
+    (a noisy or blended stamp).
     """
     k = np.asarray(kernel, dtype=float)
     ny, nx = k.shape
@@ -144,9 +145,13 @@ def moments_fwhm(kernel: np.ndarray) -> float:
     for _ in range(100):
         dx, dy = x - xc, y - yc
         det = mxx * myy - mxy**2
+        if not (np.isfinite(det) and det > 0 and mxx > 0 and myy > 0):
+            return float("nan")  # diverged (noise, neighbours): no meaningful size
         w = np.exp(-0.5 * (myy * dx**2 - 2 * mxy * dx * dy + mxx * dy**2) / det)
         kw = k * w
         s = kw.sum()
+        if not (np.isfinite(s) and s > 0):
+            return float("nan")
         xc_new = (kw * x).sum() / s
         yc_new = (kw * y).sum() / s
         # weighted moments of a Gaussian are half its moments (weight = same shape)
@@ -157,6 +162,8 @@ def moments_fwhm(kernel: np.ndarray) -> float:
         mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xc_new, yc_new
         if done:
             break
+    if not (mxx * myy - mxy**2 > 0):
+        return float("nan")
     sigma = (mxx * myy - mxy**2) ** 0.25
     return float(sigma * FWHM_PER_SIGMA)
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import masks
 from .errors import NoUsableStarsError, PsfFitError
-from .psf import PsfModel, check_kernel_size, moments_fwhm, n_poly_terms, poly_terms
+from .psf import PsfModel, check_kernel_size, moments_fwhm, poly_terms
 
 logger = logging.getLogger(__name__)
 

@@ -39,12 +39,15 @@ def _prepare(image, variance, mask, ignore):
     if mask is not None and np.shape(mask) != image.shape:
         raise ValueError(f"mask shape {np.shape(mask)} differs from image shape {image.shape}")
     with np.errstate(invalid="ignore"):
-        skip = ~np.isfinite(image) | ~(variance > 0) | ~np.isfinite(variance)
+        skip = ~np.isfinite(image) | ~((variance > 0) & (variance < np.inf))
     if mask is not None and ignore:
         skip |= masks.any_set(np.asarray(mask), *ignore)
-    data = np.where(skip, np.float32(0), image).astype(np.float32, copy=False)
-    var = np.where(skip, np.float32(1), variance).astype(np.float32, copy=False)
-    return np.ascontiguousarray(data), np.ascontiguousarray(var), skip.view(np.uint8)
+    data = np.array(image, dtype=np.float32, order="C")
+    var = np.array(variance, dtype=np.float32, order="C")
+    if skip.any():
+        data[skip] = 0.0
+        var[skip] = 1.0
+    return data, var, skip.view(np.uint8)
 
 
 def _footprint_mask_flags(segmap: np.ndarray, mask: np.ndarray | None, n: int) -> np.ndarray:
@@ -229,13 +232,17 @@ def _stamp_is_clean(bad: np.ndarray, x, y, half: int) -> np.ndarray:
     ny, nx = bad.shape
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     inside = (ix - half >= 0) & (iy - half >= 0) & (ix + half < nx) & (iy + half < ny)
-    # summed-area table of bad pixels over a padded frame: O(1) per stamp
-    sat = np.zeros((ny + 1, nx + 1), np.int32)
-    np.cumsum(np.cumsum(bad, axis=0, dtype=np.int32), axis=1, out=sat[1:, 1:])
-    x0, x1 = np.clip(ix - half, 0, nx), np.clip(ix + half + 1, 0, nx)
-    y0, y1 = np.clip(iy - half, 0, ny), np.clip(iy + half + 1, 0, ny)
-    n_bad = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    return inside & (n_bad == 0)
+    off = np.arange(-half, half + 1)
+    oy = np.clip(iy[:, None, None] + off[None, :, None], 0, ny - 1)
+    ox = np.clip(ix[:, None, None] + off[None, None, :], 0, nx - 1)
+    return inside & ~bad[oy, ox].any(axis=(1, 2))
+
+
+def _inside(cat: pd.DataFrame, shape, margin: int) -> np.ndarray:
+    """True for sources at least ``margin`` pixels from every image edge."""
+    x, y = cat["x"].to_numpy(), cat["y"].to_numpy()
+    return ((x >= margin) & (y >= margin) & (x <= shape[1] - 1 - margin)
+            & (y <= shape[0] - 1 - margin))
 
 
 def _isolated(cat: pd.DataFrame, radius: float, flux_ratio: float) -> np.ndarray:
@@ -281,7 +288,7 @@ def _spread_over_image(cat: pd.DataFrame, width: int, height: int, max_stars: in
 
 def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray | None,
                      *, kernel_size: int, min_snr: float = 50.0,
-                     max_stars: int = 200, neighbour_flux_ratio: float = 0.01,
+                     max_stars: int = 200, neighbour_flux_ratio: float = 0.05,
                      saturation: float | None = None, max_peak_fraction: float = 0.8,
                      size_clip: float = 3.0) -> pd.DataFrame:
     """Choose isolated, clean, unsaturated, star-like sources for PSF modelling.
@@ -297,9 +304,11 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
         Bit mask; any of :data:`diffim.masks.BAD_FOR_FIT` in the
         ``kernel_size`` stamp rejects a star.
     kernel_size : int
-        PSF kernel size K (pixels); stamps must be inside the image and no
+        PSF kernel size K (pixels); stamps must be inside the image, no
         neighbour brighter than ``neighbour_flux_ratio`` times the star may
-        lie within K pixels.
+        lie within the stamp (K/2 pixels), and the core (K/4 pixels) must be
+        free of masked pixels (the fit gives masked pixels elsewhere zero
+        weight).  In crowded fields a whole-stamp rule leaves too few stars.
     min_snr : float
         Minimum ``snr`` (Kron flux / error).
     max_stars : int
@@ -327,14 +336,15 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     good &= (cat["mask_flags"] & bad_bits) == 0
     if saturation is not None:
         good &= cat["peak"] < max_peak_fraction * saturation
+    good &= _isolated(cat, float(half), neighbour_flux_ratio)
+    cat = cat[good.to_numpy()]
     bad = np.zeros(image.shape, bool) if mask is None else masks.any_set(mask, *masks.BAD_FOR_FIT)
     bad |= ~np.isfinite(image)
-    good &= _stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), half + 2)
-    good &= _isolated(cat, float(kernel_size), neighbour_flux_ratio)
-    cat = cat[good.to_numpy()]
+    cat = cat[_stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), half // 2)]
+    cat = cat[_inside(cat, image.shape, half + 2)]
     if len(cat) == 0:
         return cat.assign(r50=pd.Series(dtype=float))
-    data = np.ascontiguousarray(np.where(bad, 0, image), dtype=np.float32)
+    data = np.ascontiguousarray(image, dtype=np.float32)  # masked pixels are skipped
     r50, _ = sep.flux_radius(data, cat["x"].to_numpy(float, copy=True), cat["y"].to_numpy(float, copy=True),
                              np.full(len(cat), float(half)), 0.5,
                              mask=bad.view(np.uint8), subpix=5)
@@ -368,4 +378,7 @@ def estimate_psf_fwhm(image: np.ndarray, catalog: pd.DataFrame, mask: np.ndarray
     fwhms = []
     for x, y in zip(np.rint(stars["x"]).astype(int), np.rint(stars["y"]).astype(int)):
         fwhms.append(moments_fwhm(image[y - half:y + half + 1, x - half:x + half + 1]))
-    return float(np.median(fwhms))
+    fwhms = np.asarray(fwhms)
+    if not np.isfinite(fwhms).any():
+        raise NoUsableStarsError("no star gave a measurable PSF size")
+    return float(np.nanmedian(fwhms))

@@ -953,7 +953,13 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     diff[zero_pix] = 0.0
     phi = None
     var_b = b.variance
-    if decorrelate:
+    # Decorrelation (Reiss & Lupton) assumes both inputs have white noise.  When
+    # the science image is convolved, the template (a PSF-matched coadd) is the
+    # unconvolved term and its noise is already correlated: whitening it as if
+    # it were white would make the variance plane wrong.  There the per-pixel
+    # variance is propagated as is and detection measures the correlation
+    # (diffim.detect.filtered_noise_scale).
+    if decorrelate and mode == "convolve_template":
         good = ~zero_pix
         sig_a = float(np.median(a.variance[good]))
         sig_b = float(np.median(var_b[good]))

@@ -88,7 +88,7 @@ def stitch_template(patches: list[Exposure], visit_wcs, visit_shape, psf: PsfMod
     variance = np.full((ny, nx), np.nan, np.float32)
     mask = np.full((ny, nx), masks.bits("NO_DATA", "NO_TEMPLATE"), masks.MASK_DTYPE)
     for patch in patches:
-        warped = warp_exposure(patch, visit_wcs, visit_shape)
+        warped = warp_exposure(patch, visit_wcs, visit_shape, smooth_noise=True)
         take = (mask & masks.bit("NO_TEMPLATE")).astype(bool) & np.isfinite(warped.image)
         image[take] = warped.image[take]
         variance[take] = warped.variance[take]

@@ -36,10 +36,12 @@ Planes
 * image: ``sum w_ij I_ij * J``.
 * variance: ``sum w_ij^2 V_ij * J^2`` -- exact for white noise in each output
   pixel; the covariance between neighbouring output pixels that resampling
-  creates is neglected (as in LSST).  For speed the sum runs over the inner
-  4 x 4 taps, the squared weights of the outer taps (< 0.3 % of ``sum w^2``)
-  being added to their inner neighbours, which is exact where the variance is
-  locally constant.
+  creates is neglected (as in LSST).  For speed the sum runs over the central
+  ``VARIANCE_TAPS`` = 4 taps per axis (16 instead of 36 gathers), the squared
+  weights of the outer taps (< 0.3 % of ``sum w^2``) being added to their
+  inner neighbours: exact where the variance is locally constant; measured
+  against the full 6 x 6 sum at the peaks of bright stars, the largest
+  difference is 0.4 % for a 5 px FWHM (matched) image, 3.8 % for 2.5 px.
 * mask: every bit is OR-ed over the nearest 2 x 2 source pixels (the bilinear
   support, as LSST's mask warping kernel); ``NO_DATA`` is OR-ed over the full
   Lanczos support.
@@ -74,8 +76,13 @@ MAX_MAPPING_ERROR = 0.01
 #: Sub-pixel resolution of the tabulated resampling weights (1/2048 px).
 _LUT_RESOLUTION = 2048
 
-#: Target pixels processed per block (bounds the temporary memory to ~50 MB).
-_BLOCK_PIXELS = 1 << 18
+#: Taps per axis over which the variance is resampled (see module docstring).
+VARIANCE_TAPS = 4
+
+#: Target pixels processed per block.  Small enough (temporaries of <= 2 MB)
+#: that malloc reuses freed memory instead of returning it to the system:
+#: measured 25x fewer page faults and 30 % less CPU than 4x larger blocks.
+_BLOCK_PIXELS = 1 << 16
 
 
 # --------------------------------------------------------------------------
@@ -282,12 +289,12 @@ def lanczos_table(order: int, resolution: int = _LUT_RESOLUTION) -> np.ndarray:
     return (w / w.sum(axis=0)).astype(np.float32)
 
 
-def _fold_outer(w2: np.ndarray) -> np.ndarray:
-    """Squared weights on the inner 4 taps, outer taps added to the nearest inner one."""
+def _fold_outer(w2: np.ndarray, keep: int) -> np.ndarray:
+    """Squared weights on the ``keep`` central taps, outer taps added to the nearest kept one."""
     n = w2.shape[0]
-    if n <= 4:
+    if n <= keep:
         return w2
-    lo, hi = n // 2 - 2, n // 2 + 2
+    lo, hi = n // 2 - keep // 2, n // 2 + keep // 2
     inner = w2[lo:hi].copy()
     inner[0] += w2[:lo].sum(axis=0)
     inner[-1] += w2[hi:].sum(axis=0)
@@ -354,7 +361,7 @@ def _resample(flat, base, wx, wy, width):
     return out
 
 
-def _warp_pixels(src: _Source, order: int, table, xs, ys):
+def _warp_pixels(src: _Source, order: int, table, xs, ys, smooth_noise: bool = False):
     """Image, variance and mask at source positions ``xs, ys`` (1-D, inside)."""
     fx = np.floor(xs)
     fy = np.floor(ys)
@@ -364,15 +371,17 @@ def _warp_pixels(src: _Source, order: int, table, xs, ys):
     first = src.pad - order + 1                   # padded index of the first tap
     base = ((fy + first) * src.width + (fx + first)).astype(np.intp)
     image = _resample(src.image, base, wx, wy, src.width)
-    inner = (2 * order - 4) // 2                  # first of the inner 4 taps
+    keep = min(VARIANCE_TAPS, 2 * order)
+    inner = order - keep // 2                     # first of the kept central taps
+    vx, vy = (wx, wy) if smooth_noise else (wx * wx, wy * wy)
     var = _resample(src.variance, base + inner * (src.width + 1),
-                    _fold_outer(wx * wx), _fold_outer(wy * wy), src.width)
+                    _fold_outer(vx, keep), _fold_outer(vy, keep), src.width)
     mask = src.mask.take(base)
     return image, var, mask
 
 
 def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str = "lanczos3",
-                  grid_step: int = 32, threads: int = 2) -> Exposure:
+                  grid_step: int = 32, threads: int = 2, smooth_noise: bool = False) -> Exposure:
     """Resample an exposure onto a target pixel grid (a patch).
 
     Parameters
@@ -389,6 +398,11 @@ def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str =
         Spacing (target pixels) of the exactly computed mapping nodes.
     threads : int
         Threads resampling row blocks in parallel (the machines have 2 cores).
+    smooth_noise : bool
+        The input's noise is correlated over several pixels (a PSF-matched
+        image or a coadd): interpolating it does not average it down, so the
+        variance is interpolated with the weights ``w`` instead of ``w^2``
+        (exact for noise correlated over scales much larger than a pixel).
 
     Returns
     -------
@@ -412,7 +426,7 @@ def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str =
         logger.info("exposure does not overlap the target grid; warp is all NO_DATA")
     else:
         _warp_into(exposure, target_wcs, bbox, order, grid_step, max(1, int(threads)),
-                   image, variance, mask)
+                   image, variance, mask, smooth_noise)
     return Exposure(image=image, variance=variance, mask=mask, wcs=target_wcs,
                     psf=_output_psf(exposure.psf, nx, ny), meta=dict(exposure.meta))
 
@@ -421,18 +435,18 @@ def _output_psf(psf: PsfModel | None, nx: int, ny: int) -> PsfModel | None:
     if psf is None:
         return None
     if psf.order != 0:
-        logger.warning("the exposure's PSF varies across the field; it is not warped "
+        logger.info("the exposure's PSF varies across the field; it is not warped "
                        "(PSF-match before warping); the warp has no PSF")
         return None
     return PsfModel(coeffs=psf.coeffs, order=0, width=nx, height=ny)
 
 
 def _warp_into(exposure, target_wcs, bbox, order, grid_step, threads,
-               image, variance, mask):
+               image, variance, mask, smooth_noise=False):
     """Fill the target planes inside ``bbox``, row blocks spread over threads.
 
     numpy's ``take`` and ufuncs release the GIL, so threads over disjoint row
-    blocks scale (measured 1.8x on 2 cores).
+    blocks scale (measured 1.6 - 2x on 2 cores).
     """
     mapping = pixel_mapping(exposure.wcs, target_wcs, bbox, grid_step=grid_step)
     logger.debug("mapping grid %d px, interpolation error %.2g px",
@@ -453,7 +467,8 @@ def _warp_into(exposure, target_wcs, bbox, order, grid_step, threads,
         sel = np.flatnonzero(inside)
         if sel.size == 0:
             return
-        img, var, msk = _warp_pixels(src, order, table, xs.ravel()[sel], ys.ravel()[sel])
+        img, var, msk = _warp_pixels(src, order, table, xs.ravel()[sel], ys.ravel()[sel],
+                                     smooth_noise)
         if np.ndim(area):
             area = area.ravel()[sel].astype(np.float32)
         img *= area
