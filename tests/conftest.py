@@ -16,7 +16,7 @@ SNAKEMAKE = shutil.which("snakemake", path=os.path.dirname(sys.executable)) or "
 
 #: A dataset small enough for a test run of the whole chain in about a minute.
 TINY_SIMULATION = {
-    "seed": 7, "n_visits": 5, "bands": ["r"], "shape": [400, 400], "n_stars": 260,
+    "seed": 7, "n_visits": 5, "bands": ["r"], "shape": [512, 512], "n_stars": 500,
     "n_galaxies": 80, "n_variable_stars": 3, "n_transients": 4, "n_saturated": 1,
 }
 

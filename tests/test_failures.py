@@ -59,7 +59,7 @@ def bad_input_run(tmp_path_factory):
     (images / "odd name; $(touch INJECTED) 'q'.fits").write_bytes(src.read_bytes())
     with fits.open(images / "odd name; $(touch INJECTED) 'q'.fits", mode="update") as hdul:
         hdul[0].header["VISIT"] = 110
-    config = {"outdir": "out put", "images": str(images / "*.fits"), "refcat": sim["refcat"],
+    config = {"outdir": "out put", "images": str(images / "*.fits"), "refcat": str(sim["refcat"]),
               "skymap": {"patch_inner": 300, "patch_border": 20}}
     proc = run_snakemake(root, config=config)
     status = pd.read_parquet(root / "out put" / "visit_status.parquet")

@@ -57,11 +57,12 @@ def test_bad_seeing_config_is_refused(tmp_path):
     config = tiny_config(coadd={"model_fwhm": 1.0, "max_fwhm": 1.2})
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
     assert proc.returncode != 0
-    assert "coadd.max_fwhm" in proc.stderr and "deconvolved" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "coadd.max_fwhm" in out and "deconvolved" in out
     assert not (tmp_path / "results").exists()  # refused before any job ran
 
 
 def test_unknown_key_is_refused(tmp_path):
     config = tiny_config(diff={"modee": "auto"})
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
-    assert proc.returncode != 0 and "modee" in proc.stderr
+    assert proc.returncode != 0 and "modee" in proc.stdout + proc.stderr

@@ -119,8 +119,7 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     bkg, _ = estimate_background(raw, mask, box=config.background_box)
     variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
     sub = (raw - bkg).astype(np.float32)
-    first = detect_sources(sub, variance, mask, nsigma=max(config.detect_threshold, 10.0))
-    fwhm0 = _first_fwhm(sub, first, mask, config.kernel_size, path)
+    fwhm0 = _first_fwhm(sub, variance, mask, config, path)
     mask = find_defects(sub, variance, saturation=saturation, psf_fwhm_px=fwhm0,
                         existing_mask=mask, raw_image=raw)
     sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
@@ -135,8 +134,7 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
                     approx_wcs, shape=image.shape, max_shift_arcsec=config.max_shift_arcsec,
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
                     sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec)
-    stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
-                             saturation=saturation)
+    stars = _psf_stars(sources, sub, mask, config, saturation)
     if len(stars) < config.psf_min_stars:
         raise NoUsableStarsError(
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
@@ -152,12 +150,39 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     return CalexpResult(exposure=exposure, sources=sources, qa=qa)
 
 
-def _first_fwhm(sub, catalog, mask, kernel_size, path) -> float:
-    """FWHM guess (px) from bright isolated detections, for cosmic-ray finding."""
+#: PSF-star S/N thresholds, tried in turn until enough stars are found: sparse
+#: or small images still get a PSF model, dense ones keep only the best stars.
+PSF_STAR_MIN_SNR = (50.0, 25.0, 15.0)
+
+
+def _psf_stars(sources, sub, mask, config, saturation):
+    for min_snr in PSF_STAR_MIN_SNR:
+        stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
+                                 saturation=saturation, min_snr=min_snr)
+        if len(stars) >= 2 * config.psf_min_stars:
+            break
+    return stars
+
+
+#: Side (px) of the central cut-out used for the first seeing estimate.
+FIRST_FWHM_BOX = 1536
+
+
+def _first_fwhm(sub, variance, mask, config, path) -> float:
+    """FWHM guess (px) from bright isolated detections, for cosmic-ray finding.
+
+    Measured on a central cut-out: the seeing estimate needs tens of stars,
+    not all of them, and a full-image detection pass costs seconds at 4k.
+    """
+    ny, nx = sub.shape
+    y0, x0 = max(0, (ny - FIRST_FWHM_BOX) // 2), max(0, (nx - FIRST_FWHM_BOX) // 2)
+    cut = (slice(y0, y0 + FIRST_FWHM_BOX), slice(x0, x0 + FIRST_FWHM_BOX))
+    catalog = detect_sources(sub[cut], variance[cut], mask[cut],
+                             nsigma=max(config.detect_threshold, 10.0))
     if len(catalog) < 3:
         raise NoUsableStarsError(f"{path}: only {len(catalog)} sources detected above 10 sigma "
                                  "(cloudy, empty or broken image)")
-    fwhm = estimate_psf_fwhm(sub, catalog, mask, kernel_size=kernel_size)
+    fwhm = estimate_psf_fwhm(sub[cut], catalog, mask[cut], kernel_size=config.kernel_size)
     if not np.isfinite(fwhm):
         raise NoUsableStarsError(f"{path}: no star bright and isolated enough to measure the seeing")
     return float(fwhm)
@@ -178,10 +203,17 @@ def _edge_mask(shape, kernel_size) -> np.ndarray:
     return edge
 
 
+#: Most matched stars used for the zero point (brightest first; the clipped
+#: mean of a few hundred is already far more precise than 0.01 mag).
+MAX_CALIBRATION_STARS = 400
+
+
 def _calibrate(sub, variance, mask, psf, sources, astro, ref, band):
     """Zero point from PSF fluxes of the astrometric matches with reference magnitudes."""
-    i_src = astro.matches["src_index"].to_numpy()
-    i_ref = astro.matches["ref_index"].to_numpy()
+    order = np.argsort(-sources["flux"].to_numpy()[astro.matches["src_index"].to_numpy()])
+    best = astro.matches.iloc[order[:MAX_CALIBRATION_STARS]]  # brightest matches suffice
+    i_src = best["src_index"].to_numpy()
+    i_ref = best["ref_index"].to_numpy()
     x = sources["x"].to_numpy()[i_src]
     y = sources["y"].to_numpy()[i_src]
     flux, err, flag = measure_psf_flux(sub, variance, psf, x, y, mask=mask)
@@ -198,8 +230,8 @@ def _annotate_sources(sources, astro, stars, phot):
     out["ra"], out["dec"] = ra, dec
     used = stars.index[stars["used"]] if "used" in stars.columns else stars.index
     out["psf_star"] = out.index.isin(used)
-    out["astrometry_match"] = False
-    out.loc[out.index[phot["i_src"]], "astrometry_match"] = True
+    out["astrometry_match"] = out.index.isin(out.index[astro.matches["src_index"].to_numpy()])
+    out["calib_star"] = out.index.isin(out.index[phot["i_src"]])
     return out
 
 

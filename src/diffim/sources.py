@@ -286,6 +286,13 @@ def _spread_over_image(cat: pd.DataFrame, width: int, height: int, max_stars: in
         .drop(columns=["_cell", "_rank"])
 
 
+#: sep flags that disqualify a PSF star: OBJ_TRUNC (2), OBJ_SINGU (8),
+#: APER_ALLMASKED (64), APER_NONPOSITIVE (128).  Merged objects (1) are judged
+#: by the isolation test; masked or edge-truncated Kron apertures (32, 16) by
+#: the stamp tests, which look at the pixels that matter for the fit.
+SEP_REJECT_FLAGS = 2 | 8 | 64 | 128
+
+
 def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray | None,
                      *, kernel_size: int, min_snr: float = 50.0,
                      max_stars: int = 200, neighbour_flux_ratio: float = 0.05,
@@ -331,7 +338,7 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     if len(catalog) == 0:
         return catalog.assign(r50=pd.Series(dtype=float))
     cat = catalog.copy()
-    good = (cat["snr"] >= min_snr) & (cat["flux"] > 0) & ((cat["flag"] & ~0x1) == 0)
+    good = (cat["snr"] >= min_snr) & (cat["flux"] > 0) & ((cat["flag"] & SEP_REJECT_FLAGS) == 0)
     bad_bits = masks.bits(*masks.BAD_FOR_FIT)
     good &= (cat["mask_flags"] & bad_bits) == 0
     if saturation is not None:
