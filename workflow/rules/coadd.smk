@@ -51,17 +51,15 @@ rule warp:
 
 
 def coadd_warps(wildcards):
-    rows = overlaps()
-    rows = rows[(rows["band"] == wildcards.band) & (rows["patch"] == wildcards.patch)
-                & rows["included"]]
+    rows = patch_overlaps(wildcards.band, wildcards.patch)
+    rows = rows[rows["included"]]
     return [path("warp", wildcards.band, wildcards.patch, f"v{v}-d{d}.fits")
             for v, d in zip(rows["visit"], rows["detector"])]
 
 
 def coadd_candidates(wildcards):
     """Every visit overlapping the patch in the band, with its selection verdict."""
-    rows = overlaps()
-    rows = rows[(rows["band"] == wildcards.band) & (rows["patch"] == wildcards.patch)]
+    rows = patch_overlaps(wildcards.band, wildcards.patch)
     return [dict(visit=int(v), detector=int(d), included=bool(i), reason=str(r))
             for v, d, i, r in zip(rows["visit"], rows["detector"], rows["included"], rows["reason"])]
 

@@ -52,11 +52,18 @@ def exposures():
     return table[table["status"] == "ok"]
 
 
+@functools.lru_cache(maxsize=4)
+def _file_lookup(file, mtime_ns):
+    table = read_cached(file)
+    ok = table[table["status"] == "ok"]
+    return dict(zip(zip(ok["visit"].tolist(), ok["detector"].tolist()), ok["file"].tolist()))
+
+
 def exposure_file(wildcards):
-    table = exposures()
-    row = table[(table["visit"] == int(wildcards.visit))
-                & (table["detector"] == int(wildcards.detector))]
-    return row["file"].iloc[0]
+    """The input file of one (visit, detector): a dict lookup, O(1) per job."""
+    file = checkpoints.exposure_index.get().output.index
+    lookup = _file_lookup(file, os.stat(file).st_mtime_ns)
+    return lookup[(int(wildcards.visit), int(wildcards.detector))]
 
 
 def calexp_qa_files(wildcards=None):
@@ -67,6 +74,30 @@ def calexp_qa_files(wildcards=None):
 def overlaps():
     """Rows (visit, detector, band, patch, included, reason) of the sky map checkpoint."""
     return read_cached(checkpoints.skymap.get().output.overlaps)
+
+
+@functools.lru_cache(maxsize=4)
+def _overlap_groups(file, mtime_ns):
+    """Row indices of the overlap table grouped by (visit, detector) and by (band, patch)."""
+    table = read_cached(file)
+    by_visit = {(int(v), int(d)): rows for (v, d), rows in
+                table.groupby(["visit", "detector"]).indices.items()}
+    by_patch = {(b, p): rows for (b, p), rows in table.groupby(["band", "patch"]).indices.items()}
+    return by_visit, by_patch
+
+
+def visit_overlaps(visit, detector):
+    """Overlap rows of one (visit, detector), without scanning the table per job."""
+    file = checkpoints.skymap.get().output.overlaps
+    by_visit, _ = _overlap_groups(file, os.stat(file).st_mtime_ns)
+    return read_cached(file).iloc[by_visit.get((int(visit), int(detector)), [])]
+
+
+def patch_overlaps(band, patch):
+    """Overlap rows of one (band, patch)."""
+    file = checkpoints.skymap.get().output.overlaps
+    _, by_patch = _overlap_groups(file, os.stat(file).st_mtime_ns)
+    return read_cached(file).iloc[by_patch.get((band, patch), [])]
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,8 +119,7 @@ def skymap_json(wildcards=None):
 
 def band_model_fwhm(wildcards):
     """Model PSF FWHM (arcsec) of the band of a warp or coadd job."""
-    rows = overlaps()
-    return float(rows.loc[rows["band"] == wildcards.band, "model_fwhm_arcsec"].iloc[0])
+    return float(patch_overlaps(wildcards.band, wildcards.patch)["model_fwhm_arcsec"].iloc[0])
 
 
 def final_products():

@@ -4,9 +4,7 @@
 
 
 def _visit_rows(wildcards):
-    rows = overlaps()
-    return rows[(rows["visit"] == int(wildcards.visit))
-                & (rows["detector"] == int(wildcards.detector))]
+    return visit_overlaps(wildcards.visit, wildcards.detector)
 
 
 def diff_coadds(wildcards):
