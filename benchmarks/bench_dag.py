@@ -17,7 +17,7 @@ newer than the images so the checkpoint is complete.  Two variants:
     (``skymap.json`` from :class:`diffim.skymap.SkyMap`, ``overlaps.parquet``)
     exist too, so the whole DAG is expanded: warps, coadds, diffs, merge_tables.
 
-The real CLI (``/work/venv/bin/snakemake -n --quiet rules progress``) runs in a
+The real CLI (``/work/venv/bin/snakemake -n --quiet rules``) runs in a
 fresh process; the table gives the number of jobs of the dry-run, its wall
 time and the peak resident memory of that process (``os.wait4``'s rusage,
 i.e. what ``/usr/bin/time -v`` reports).  A dry-run never calls the job
@@ -203,7 +203,7 @@ def dry_run(workdir: Path, config_args: list[str], *, snakefile: Path = ROOT / "
     ``prefix`` replaces the plain ``snakemake`` executable (e.g. a cProfile run).
     """
     cmd = [*(prefix or (SNAKEMAKE,)), "-n", "--cores", "2", "--snakefile", str(snakefile),
-           "--quiet", "rules", "progress", *extra, "--config", *config_args]
+           "--quiet", "rules", *extra, "--config", *config_args]
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,

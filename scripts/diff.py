@@ -14,8 +14,8 @@ from astropy.io import fits
 
 from diffim.detect import detect_dia_sources
 from diffim.errors import DiffimError, NoOverlapError
-from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_exposure,
-                       write_json, write_table)
+from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
+                       write_exposure, write_json, write_table)
 from diffim.psfmatch import to_njy
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
@@ -89,6 +89,7 @@ def main(inp, out, params, wildcards, log=None):
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo)
     write_exposure(out.diff, diff)
     write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
+    write_ds9_regions(out.regions, table)
     write_json(out.status, {"status": "ok", "reason": "", "visit": visit, "detector": detector,
                             "n_dia_sources": len(table), "mode": result.mode,
                             "kernel_sum": float(result.kernel_sum),
@@ -107,6 +108,7 @@ def write_failed(out, visit, detector, reason):
     empty = pd.DataFrame({n: pd.Series(dtype=t.to_pandas_dtype())
                           for n, t in zip(DIA_SOURCE_SCHEMA.names, DIA_SOURCE_SCHEMA.types)})
     write_table(out.sources, empty, schema=DIA_SOURCE_SCHEMA)
+    write_ds9_regions(out.regions, empty)
     write_json(out.status, {"status": "failed", "reason": reason, "visit": visit,
                             "detector": detector, "n_dia_sources": 0})
 

@@ -411,3 +411,15 @@ class WarpRowReader:
             variance[dst] = hdul["VARIANCE"].section[src, :]
             mask[dst] = hdul["MASK"].section[src, :]
         return image, variance, mask
+
+
+def write_ds9_regions(path, table: pd.DataFrame, *, radius_arcsec: float = 1.5) -> None:
+    """DS9 region file of DIASources (fk5 circles; green positive, red negative, cyan dipole)."""
+    lines = ["# Region file format: DS9 version 4.1", "global width=1 font=\"helvetica 9 normal\"",
+             "fk5"]
+    for r in table.itertuples(index=False):
+        color = "cyan" if r.isDipole else ("red" if r.isNegative else "green")
+        lines.append(f"circle({r.ra:.7f},{r.dec:.7f},{radius_arcsec:.2f}\") # color={color} "
+                     f"text={{{r.diaSourceId} S/N {r.snr:.1f}}}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

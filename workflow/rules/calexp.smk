@@ -18,8 +18,6 @@ rule calexp:
         path("logs", "calexp", "v{visit}-d{detector}.log"),
     benchmark:
         path("benchmarks", "calexp", "v{visit}-d{detector}.tsv")
-    group:
-        "per_visit"
     threads: 1
     resources:
         mem_mb=mem(2000),

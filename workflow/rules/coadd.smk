@@ -40,8 +40,6 @@ rule warp:
         path("logs", "warp", "{band}", "{patch}", "v{visit}-d{detector}.log"),
     benchmark:
         path("benchmarks", "warp", "{band}", "{patch}", "v{visit}-d{detector}.tsv")
-    group:
-        "per_visit"
     threads: 1
     resources:
         mem_mb=mem(3000),

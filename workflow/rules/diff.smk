@@ -37,6 +37,7 @@ rule diff:
         diff=path("diff", "v{visit}-d{detector}.fits"),
         sources=path("diff", "v{visit}-d{detector}.dia_sources.parquet"),
         status=path("diff", "v{visit}-d{detector}.status.json"),
+        regions=path("diff", "v{visit}-d{detector}.reg"),
     params:
         diff=config["diff"],
         skymap=skymap_json,
@@ -45,8 +46,6 @@ rule diff:
         path("logs", "diff", "v{visit}-d{detector}.log"),
     benchmark:
         path("benchmarks", "diff", "v{visit}-d{detector}.tsv")
-    group:
-        "per_visit"
     threads: 1
     resources:
         mem_mb=mem(3000),
