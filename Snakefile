@@ -23,6 +23,7 @@ include: "workflow/rules/calexp.smk"
 include: "workflow/rules/coadd.smk"
 include: "workflow/rules/diff.smk"
 include: "workflow/rules/merge.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -87,7 +87,10 @@ def main(inp, out, params, wildcards, log=None):
     diff = result.difference
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo)
-    write_exposure(out.diff, diff)
+    # the template in the visit frame, for cutouts and for users checking a detection
+    template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
+    template_hdu.header["BUNIT"] = "nJy"
+    write_exposure(out.diff, diff, extra_hdus=[template_hdu])
     write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
     write_ds9_regions(out.regions, table)
     write_json(out.status, {"status": "ok", "reason": "", "visit": visit, "detector": detector,

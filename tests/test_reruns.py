@@ -25,8 +25,11 @@ VOLATILE_CARDS: tuple[str, ...] = ()
 
 
 def _products(outdir: Path):
+    """Products to compare: everything but the inputs (sim/) and the temporary
+    warps (a killed run may leave some behind; Snakemake does not remove a
+    temp file made by an earlier, interrupted invocation)."""
     fits_files = sorted(p.relative_to(outdir) for p in outdir.rglob("*.fits")
-                        if "sim" not in p.parts)
+                        if "sim" not in p.parts and "warp" not in p.parts)
     tables = sorted(p.relative_to(outdir) for p in outdir.rglob("*.parquet")
                     if "sim" not in p.parts and not p.name.startswith("."))
     return fits_files, tables

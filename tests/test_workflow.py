@@ -66,3 +66,30 @@ def test_unknown_key_is_refused(tmp_path):
     config = tiny_config(diff={"modee": "auto"})
     proc = run_snakemake(tmp_path, "-n", config=config, check=False)
     assert proc.returncode != 0 and "modee" in proc.stdout + proc.stderr
+
+
+def test_report_has_the_per_visit_table(tiny_run):
+    workdir, config, _ = tiny_run
+    run_snakemake(workdir, "--report", "report.html", config=config)
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "visit-table" in html  # the per-visit table is embedded
+    out = workdir / config["outdir"]
+    quality = pd.read_parquet(out / "visit_quality.parquet")
+    assert {"fwhm_arcsec", "zeropoint", "astrometry_rms_arcsec", "in_coadd", "noise_ratio",
+            "n_dia_sources", "status"} <= set(quality.columns)
+    assert len(quality) == config["simulate"]["n_visits"]
+
+
+def test_light_curves_and_scores(tiny_run):
+    workdir, config, _ = tiny_run
+    out = workdir / config["outdir"]
+    objects = pd.read_parquet(out / "dia_objects.parquet")
+    forced = pd.read_parquet(out / "dia_forced_sources.parquet")
+    assert forced["diaObjectId"].isin(objects["diaObjectId"]).all()
+    # full light curves: every object is measured on (nearly) every visit that covers it
+    assert len(forced) >= len(objects)
+    scores = json.loads((out / "evaluation" / "scores.json").read_text())
+    assert 0.0 <= scores["overall"]["completeness"]["at_snr_ge"]["10"] <= 1.0
+    regions = sorted((out / "diff").glob("*.reg"))
+    assert len(regions) == config["simulate"]["n_visits"]
+    assert regions[0].read_text().startswith("# Region file format: DS9")

@@ -96,6 +96,124 @@ def cmd_simulate(args) -> int:
 
 
 # --------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------
+
+def _add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="score DIASources of a finished run against truth",
+                       description="Score a finished run (completeness, false positives, "
+                                   "flux and astrometry) against simulated truth.")
+    p.add_argument("--outdir", required=True, help="results directory of a finished run")
+    p.add_argument("--truth", help="truth directory (default OUTDIR/sim/truth)")
+    p.add_argument("--output", required=True, help="scores JSON file to write")
+    p.add_argument("--radius", type=float, default=1.0, help="match radius, arcsec (default 1)")
+    p.add_argument("--bright-star-mag", type=float, default=18.0,
+                   help="static stars brighter than this (AB) count as bright (default 18)")
+    p.add_argument("--bright-star-radius", type=float, default=5.0,
+                   help="radius around bright stars, arcsec (default 5)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _exposure_truth(exposure, variables, visit, detector, band, mjd):
+    """Truth rows of one difference image: positions, observability, forced flux."""
+    import numpy as np
+    import pandas as pd
+
+    from . import masks
+    from .lightcurves import forced_photometry, object_pixels
+
+    objects = variables.rename(columns={"id": "diaObjectId"})
+    x, y, inside = object_pixels(exposure.wcs, objects, exposure.shape)
+    rows = pd.DataFrame({"visit": visit, "detector": detector, "id": variables["id"].to_numpy(),
+                         "covered": inside})
+    ix = np.clip(np.round(np.nan_to_num(x)).astype(int), 0, exposure.shape[1] - 1)
+    iy = np.clip(np.round(np.nan_to_num(y)).astype(int), 0, exposure.shape[0] - 1)
+    no_data = masks.any_set(exposure.mask[iy, ix], "NO_DATA", "NO_TEMPLATE")
+    rows["observable"] = inside & ~no_data
+    forced = forced_photometry(exposure, objects[rows["observable"].to_numpy()], visit,
+                               detector, band, mjd)
+    forced = forced.rename(columns={"diaObjectId": "id", "psfFlux": "forcedFlux",
+                                    "psfFluxErr": "forcedFluxErr"})
+    rows = rows.merge(forced[["id", "forcedFlux", "forcedFluxErr"]], on="id", how="left")
+    rows["observable"] &= np.isfinite(rows["forcedFluxErr"].to_numpy(float))
+    return rows.assign(noise_njy=rows["forcedFluxErr"])
+
+
+def evaluation_inputs(outdir: Path, truth_dir: Path):
+    """Read a run and its truth; return ``(dia, expected, static, visit_table)``."""
+    import pandas as pd
+
+    from .errors import InputError
+    from .evaluate import expected_difference_flux
+    from .io import read_exposure, read_json, read_table
+
+    variables = read_table(truth_dir / "variables.parquet")
+    diffs, coverage, visit_rows, loo = [], [], [], False
+    for status_path in sorted((outdir / "diff").glob("v*-d*.status.json")):
+        status = read_json(status_path)
+        stem = status_path.name[: -len(".status.json")]
+        calexp = read_exposure(outdir / "calexp" / f"{stem}.fits", memmap=True)
+        cov = _exposure_truth_coverage(calexp, variables, status["visit"], status["detector"])
+        coverage.append(cov)
+        if status.get("status") != "ok":
+            continue
+        loo |= int(status.get("leave_one_out_patches", 0)) > 0
+        diff = read_exposure(outdir / "diff" / f"{stem}.fits")
+        m = diff.meta
+        diffs.append(_exposure_truth(diff, variables, int(m["VISIT"]), int(m["DETECTOR"]),
+                                     str(m["BAND"]), float(m["MIDMJD"])))
+        qa = read_json(outdir / "calexp" / f"{stem}.qa.json")
+        visit_rows.append({"visit": int(m["VISIT"]), "detector": int(m["DETECTOR"]),
+                           "band": str(m["BAND"]), "ny": diff.shape[0], "nx": diff.shape[1],
+                           "pixel_scale": float(qa["pixel_scale"])})
+    if not visit_rows:
+        raise InputError(f"{outdir}: no successful difference image to evaluate "
+                         "(no diff/*.status.json with status ok).")
+    fluxes = read_table(truth_dir / "variable_fluxes.parquet")
+    expected = expected_difference_flux(fluxes, read_table(outdir / "coadd_inputs.parquet"),
+                                        pd.concat(coverage), leave_one_out=loo)
+    per_visit = pd.concat(diffs).drop(columns=["covered"])
+    expected = per_visit.merge(expected, on=["visit", "id"]).merge(
+        variables[["id", "ra", "dec"]], on="id")
+    return (read_table(outdir / "dia_sources.parquet"), expected,
+            read_table(truth_dir / "static_sources.parquet"), pd.DataFrame(visit_rows))
+
+
+def _exposure_truth_coverage(calexp, variables, visit, detector):
+    """``visit, id, covered``: which variables fall on a calexp (template coverage)."""
+    import pandas as pd
+
+    from .lightcurves import object_pixels
+
+    _, _, inside = object_pixels(calexp.wcs, variables, calexp.shape)
+    return pd.DataFrame({"visit": int(visit), "id": variables["id"].to_numpy(),
+                         "covered": inside})
+
+
+def cmd_evaluate(args) -> int:
+    """Run ``diffim evaluate``; returns the exit status."""
+    from .errors import InputError
+    from .evaluate import score
+    from .io import write_json
+
+    outdir = Path(args.outdir)
+    truth_dir = Path(args.truth) if args.truth else outdir / "sim" / "truth"
+    if not (truth_dir / "variable_fluxes.parquet").exists():
+        raise InputError(f"No truth tables in {truth_dir}; pass --truth with the simulator's "
+                         "truth directory.")
+    dia, expected, static, visits = evaluation_inputs(outdir, truth_dir)
+    scores = score(dia, expected, static, visits, radius_arcsec=args.radius,
+                   bright_star_mag=args.bright_star_mag,
+                   bright_star_radius_arcsec=args.bright_star_radius)
+    write_json(args.output, scores)
+    c = scores["overall"]["completeness"]
+    logger.info("completeness %s at S/N >= 10, 50%% at S/N %s; %s false positives per visit",
+                c["at_snr_ge"].get("10"), c["snr50"],
+                scores["overall"]["false_positives"]["per_visit"])
+    return 0
+
+
+# --------------------------------------------------------------------------
 # dispatcher
 # --------------------------------------------------------------------------
 
@@ -106,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate_parser(sub)
+    _add_evaluate_parser(sub)
     return parser
 
 

@@ -123,5 +123,12 @@ def band_model_fwhm(wildcards):
 
 
 def final_products():
-    return [path("dia_sources.parquet"), path("visit_status.parquet"),
-            path("coadd_inputs.parquet")]
+    """The targets of `rule all`: the contract's tables, light curves, the
+    report's figures and, when the dataset has truth (simulated), the scores."""
+    targets = [path("dia_sources.parquet"), path("visit_status.parquet"),
+               path("coadd_inputs.parquet"), path("dia_objects.parquet"),
+               path("dia_forced_sources.parquet"), path("visit_quality.parquet"),
+               path("report", "coadds.png")]
+    if SIMULATE:
+        targets.append(path("evaluation", "scores.json"))
+    return targets

@@ -1,0 +1,25 @@
+"""Rule `forced_photometry`: PSF photometry at every DIAObject on one difference image."""
+
+from diffim.io import read_exposure, read_json, read_table, write_table
+from diffim.lightcurves import empty_light_curves, forced_photometry
+from diffim.runlog import setup_logging
+
+
+def main(diff_path, status_path, objects_path, output, log=None):
+    logger = setup_logging(log)
+    status = read_json(status_path)
+    if status["status"] != "ok":
+        logger.info("no difference image (%s): empty light-curve table", status["reason"])
+        write_table(output, empty_light_curves())
+        return
+    diff = read_exposure(diff_path)
+    m = diff.meta
+    table = forced_photometry(diff, read_table(objects_path), int(m["VISIT"]), int(m["DETECTOR"]),
+                              str(m["BAND"]), float(m["MIDMJD"]))
+    write_table(output, table)
+    logger.info("forced photometry of %d DIAObjects on visit %s", len(table), m["VISIT"])
+
+
+if "snakemake" in globals():
+    main(snakemake.input.diff, snakemake.input.status, snakemake.input.objects,
+         snakemake.output.forced, snakemake.log[0])
