@@ -66,14 +66,7 @@ def test_rulegraph_from_an_empty_directory(tmp_path):
 
 
 #: Known defect, reported to the lead with the fix.
-SKYMAP_LEAVES_DAG = pytest.mark.xfail(strict=True, reason=(
-    "once the sky map checkpoint is complete no job takes its output files as input "
-    "(they are read through checkpoints.skymap.get()), so the skymap job leaves the DAG: "
-    "it is missing from the graph and is not rerun when a calexp changes. Fix: make "
-    "skymap/overlaps.parquet an input of merge_tables (then drop this marker)"))
 
-
-@SKYMAP_LEAVES_DAG
 def test_rulegraph_after_the_checkpoints_names_every_rule(tmp_path):
     rules = _snakemake(tmp_path, "--list-rules").split()
     assert set(CORE_RULES) <= set(rules)
@@ -107,7 +100,6 @@ def test_dry_run_up_to_the_sky_map(tmp_path):
     assert run.images_opened == 0
 
 
-@SKYMAP_LEAVES_DAG
 def test_a_redone_calexp_reruns_the_sky_map(tmp_path):
     config_args = bench.make_dataset(tmp_path, 20, variant="full")
     out = tmp_path / "results"

@@ -46,6 +46,14 @@ def bad_input_run(tmp_path_factory):
     wcs_keys = [k for k in fits.getheader(src) if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD", "CUNIT", "PC", "CDELT"))]
     _copy_with(src, images / "eimage_v0000104_nowcs.fits", drop=wcs_keys, update={"VISIT": 104})
     _copy_with(src, images / "eimage_v0000105_nomjd.fits", drop=["MJD-OBS"], update={"VISIT": 105})
+    _copy_with(src, images / "eimage_v0000111_noexptime.fits", drop=["EXPTIME"], update={"VISIT": 111})
+    _copy_with(src, images / "eimage_v0000112_nofilter.fits", drop=["FILTER"], update={"VISIT": 112})
+    # pixels of another field (other stars), under this field's header WCS
+    other = simulate_dataset(root / "other", {**TINY_SIMULATION, "n_visits": 1, "seed": 99,
+                                              "ra": 150.0, "dec": 2.0})
+    with fits.open(other["images"][0]) as hdul:
+        _copy_with(src, images / "eimage_v0000113_otherfield.fits", data=hdul[0].data.copy(),
+                   update={"VISIT": 113})
     _copy_with(src, images / "eimage_v0000106_nan.fits", data=np.full(shape, np.nan, np.float32),
                update={"VISIT": 106})
     _copy_with(src, images / "eimage_v0000107_zero.fits", data=np.zeros(shape, np.float32),
@@ -69,7 +77,8 @@ def bad_input_run(tmp_path_factory):
 @pytest.mark.parametrize("name, words", [
     ("truncated", "FITS"), ("empty", "empty"), ("notfits", "FITS"), ("nowcs", "WCS"),
     ("nomjd", "MJD-OBS"), ("nan", "NaN"), ("zero", "same value"),
-    ("faroff", "reference stars"), ("cloudy", "sources"),
+    ("faroff", "reference stars"), ("cloudy", "sources"), ("noexptime", "EXPTIME"),
+    ("nofilter", "FILTER"), ("otherfield", "match"),
 ])
 def test_each_bad_file_has_a_failed_row_with_a_reason(bad_input_run, name, words):
     _, status, _, _ = bad_input_run

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from conftest import run_snakemake, tiny_config
+from conftest import ROOT, run_snakemake, tiny_config
 
 from diffim.tables import COADD_INPUTS_SCHEMA, DIA_SOURCE_SCHEMA, VISIT_STATUS_SCHEMA
 
@@ -93,3 +93,46 @@ def test_light_curves_and_scores(tiny_run):
     regions = sorted((out / "diff").glob("*.reg"))
     assert len(regions) == config["simulate"]["n_visits"]
     assert regions[0].read_text().startswith("# Region file format: DS9")
+
+
+def test_wrong_type_is_refused(tmp_path):
+    config = tiny_config(psf={"kernel_size": "big"})
+    proc = run_snakemake(tmp_path, "-n", config=config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "kernel_size" in out and "big" in out
+
+
+def test_missing_refcat_is_refused(tmp_path):
+    (tmp_path / "img.fits").write_bytes(b"")
+    config = {"outdir": "results", "images": "img.fits", "refcat": "nowhere.parquet"}
+    proc = run_snakemake(tmp_path, "-n", config=config, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "`refcat`" in out and "does not exist" in out
+    assert not (tmp_path / "results").exists()
+
+
+def _declared_mem_mb() -> dict:
+    """rule name -> first-attempt mem_mb declared in workflow/rules/*.smk."""
+    import re
+
+    declared = {}
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"\n(?=(?:checkpoint|rule) )", smk.read_text()):
+            m = re.match(r"(?:checkpoint|rule) (\w+):", block)
+            mem = re.search(r"mem_mb=mem\((\d+)\)", block)
+            if m and mem:
+                declared[m.group(1)] = int(mem.group(1))
+    return declared
+
+
+def test_declared_memory_exceeds_measured_peak(tiny_run):
+    """Every benchmarked job's peak RSS is below its rule's declared mem_mb."""
+    workdir, config, _ = tiny_run
+    declared = _declared_mem_mb()
+    bench = workdir / config["outdir"] / "benchmarks"
+    files = list(bench.rglob("*.tsv"))
+    assert files
+    for f in files:
+        rule = f.relative_to(bench).parts[0].removesuffix(".tsv")
+        peak = pd.read_csv(f, sep="\t")["max_rss"].max()
+        assert peak < declared[rule], f"{f}: {peak} MB > declared {declared[rule]} MB"

@@ -451,10 +451,11 @@ def _noise_bias(basis_flat: np.ndarray, var_cut: np.ndarray, w_stamp: np.ndarray
     noise free.  ``basis_flat`` is ``(nb, k * k)``.
     """
     k = int(round(np.sqrt(basis_flat.shape[1])))
-    m = signal.correlate(var_cut, w_stamp, mode="valid")[::-1, ::-1]
+    m = signal.fftconvolve(var_cut, w_stamp[::-1, ::-1], mode="valid")[::-1, ::-1]
     if m.shape != (k, k):
         raise RuntimeError("internal error: variance cut-out does not match the stamp")
-    bias = (basis_flat * m.ravel()) @ basis_flat.T
+    # einsum, not ``@``: small products are slower through a multi-threaded BLAS here
+    bias = np.einsum("ip,jp->ij", basis_flat * m.ravel(), basis_flat)
     if with_bg:
         bias = np.pad(bias, ((0, 1), (0, 1)))
     return bias
@@ -480,8 +481,14 @@ def _solve_global(G, h, p, r, nb):
     else:
         amat, bvec = akk, bk
     scale = np.sqrt(np.clip(np.diag(amat), 1e-300, None))
-    sol, *_ = np.linalg.lstsq(amat / scale[:, None] / scale[None, :], bvec / scale,
-                              rcond=1e-12)
+    a_s = amat / scale[:, None] / scale[None, :]
+    try:
+        # LU solve: ~20x faster than the SVD of lstsq for these ~100 x 100 systems
+        sol = np.linalg.solve(a_s, bvec / scale)
+        if not np.all(np.isfinite(sol)):
+            raise np.linalg.LinAlgError("non-finite solution")
+    except np.linalg.LinAlgError:
+        sol, *_ = np.linalg.lstsq(a_s, bvec / scale, rcond=1e-12)
     sol = sol / scale
     return sol[:nb * nq].reshape(nb, nq), sol[nb * nq:]
 

@@ -49,17 +49,14 @@ rule warp:
 
 
 def coadd_warps(wildcards):
-    rows = patch_overlaps(wildcards.band, wildcards.patch)
-    rows = rows[rows["included"]]
-    return [path("warp", wildcards.band, wildcards.patch, f"v{v}-d{d}.fits")
-            for v, d in zip(rows["visit"], rows["detector"])]
+    return [path("warp", wildcards.band, wildcards.patch, f"v{r.visit}-d{r.detector}.fits")
+            for r in patch_overlaps(wildcards.band, wildcards.patch) if r.included]
 
 
 def coadd_candidates(wildcards):
     """Every visit overlapping the patch in the band, with its selection verdict."""
-    rows = patch_overlaps(wildcards.band, wildcards.patch)
-    return [dict(visit=int(v), detector=int(d), included=bool(i), reason=str(r))
-            for v, d, i, r in zip(rows["visit"], rows["detector"], rows["included"], rows["reason"])]
+    return [dict(visit=r.visit, detector=r.detector, included=r.included, reason=str(r.reason))
+            for r in patch_overlaps(wildcards.band, wildcards.patch)]
 
 
 rule coadd:

@@ -1,5 +1,6 @@
 # Shared definitions: config validation, paths and the cached readers of the
 # two checkpoints (exposure index and sky map).
+import collections
 import functools
 import os
 
@@ -36,68 +37,63 @@ def path(*parts):
     return os.path.join(OUT, *parts)
 
 
-@functools.lru_cache(maxsize=8)
-def _read_parquet_cached(file, mtime_ns):
-    return pd.read_parquet(file)
-
-
-def read_cached(file):
-    """Read a checkpoint table once per DAG evaluation (cached by mtime)."""
-    return _read_parquet_cached(file, os.stat(file).st_mtime_ns)
-
-
-def exposures():
-    """The ok rows of the exposure index (a checkpoint)."""
-    table = read_cached(checkpoints.exposure_index.get().output.index)
-    return table[table["status"] == "ok"]
+#: One row of the sky map checkpoint's overlap table, as plain Python values.
+Overlap = collections.namedtuple("Overlap", "visit detector band patch included reason")
 
 
 @functools.lru_cache(maxsize=4)
-def _file_lookup(file, mtime_ns):
-    table = read_cached(file)
+def _index_lookup(file, mtime_ns):
+    """{(visit, detector): file} of the ok rows of the exposure index, in index order.
+
+    Built once per index version (keyed by mtime): input functions run once per
+    job, so they must not scan or filter a table (O(N) per job, O(N^2) in all).
+    """
+    table = pd.read_parquet(file, columns=["file", "visit", "detector", "status"])
     ok = table[table["status"] == "ok"]
     return dict(zip(zip(ok["visit"].tolist(), ok["detector"].tolist()), ok["file"].tolist()))
 
 
-def exposure_file(wildcards):
-    """The input file of one (visit, detector): a dict lookup, O(1) per job."""
+def exposure_lookup():
+    """{(visit, detector): file} of the usable exposures (the exposure index checkpoint)."""
     file = checkpoints.exposure_index.get().output.index
-    lookup = _file_lookup(file, os.stat(file).st_mtime_ns)
-    return lookup[(int(wildcards.visit), int(wildcards.detector))]
+    return _index_lookup(file, os.stat(file).st_mtime_ns)
+
+
+def exposure_file(wildcards):
+    return exposure_lookup()[(int(wildcards.visit), int(wildcards.detector))]
 
 
 def calexp_qa_files(wildcards=None):
-    return [path("calexp", f"v{v}-d{d}.qa.json")
-            for v, d in zip(exposures()["visit"], exposures()["detector"])]
-
-
-def overlaps():
-    """Rows (visit, detector, band, patch, included, reason) of the sky map checkpoint."""
-    return read_cached(checkpoints.skymap.get().output.overlaps)
+    return [path("calexp", f"v{v}-d{d}.qa.json") for v, d in exposure_lookup()]
 
 
 @functools.lru_cache(maxsize=4)
-def _overlap_groups(file, mtime_ns):
-    """Row indices of the overlap table grouped by (visit, detector) and by (band, patch)."""
-    table = read_cached(file)
-    by_visit = {(int(v), int(d)): rows for (v, d), rows in
-                table.groupby(["visit", "detector"]).indices.items()}
-    by_patch = {(b, p): rows for (b, p), rows in table.groupby(["band", "patch"]).indices.items()}
-    return by_visit, by_patch
+def _overlap_lookup(file, mtime_ns):
+    """Overlap rows grouped by (visit, detector) and by (band, patch); model FWHM per band."""
+    table = pd.read_parquet(file)
+    by_visit, by_patch = {}, {}
+    for row in zip(*(table[c].tolist() for c in Overlap._fields)):
+        row = Overlap(int(row[0]), int(row[1]), row[2], row[3], bool(row[4]), row[5])
+        by_visit.setdefault((row.visit, row.detector), []).append(row)
+        by_patch.setdefault((row.band, row.patch), []).append(row)
+    fwhm = dict(zip(table["band"].tolist(), table["model_fwhm_arcsec"].astype(float).tolist()))
+    return by_visit, by_patch, fwhm
+
+
+def overlap_lookup():
+    """(by_visit, by_patch, model_fwhm_by_band) of the sky map checkpoint."""
+    file = checkpoints.skymap.get().output.overlaps
+    return _overlap_lookup(file, os.stat(file).st_mtime_ns)
 
 
 def visit_overlaps(visit, detector):
-    """Overlap rows of one (visit, detector), without scanning the table per job."""
-    file = checkpoints.skymap.get().output.overlaps
-    by_visit, _ = _overlap_groups(file, os.stat(file).st_mtime_ns)
-    return read_cached(file).iloc[by_visit.get((int(visit), int(detector)), [])]
+    """Overlap rows (list of Overlap) of one (visit, detector)."""
+    return overlap_lookup()[0].get((int(visit), int(detector)), [])
 
 
 def patch_overlaps(band, patch):
-    """Overlap rows of one (band, patch)."""
-    file = checkpoints.skymap.get().output.overlaps
-    _, by_patch = _overlap_groups(file, os.stat(file).st_mtime_ns)
-    return read_cached(file).iloc[by_patch.get((band, patch), [])]
+    """Overlap rows (list of Overlap) of one (band, patch)."""
+    return overlap_lookup()[1].get((band, patch), [])
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,7 +115,7 @@ def skymap_json(wildcards=None):
 
 def band_model_fwhm(wildcards):
     """Model PSF FWHM (arcsec) of the band of a warp or coadd job."""
-    return float(patch_overlaps(wildcards.band, wildcards.patch)["model_fwhm_arcsec"].iloc[0])
+    return overlap_lookup()[2][wildcards.band]
 
 
 def final_products():

@@ -8,23 +8,19 @@ def _visit_rows(wildcards):
 
 
 def diff_coadds(wildcards):
-    rows = _visit_rows(wildcards)
-    return [path("coadd", b, p, "coadd.fits") for b, p in zip(rows["band"], rows["patch"])]
+    return [path("coadd", r.band, r.patch, "coadd.fits") for r in _visit_rows(wildcards)]
 
 
 def diff_coadd_inputs(wildcards):
-    rows = _visit_rows(wildcards)
-    return [path("coadd", b, p, "coadd_inputs.parquet") for b, p in zip(rows["band"], rows["patch"])]
+    return [path("coadd", r.band, r.patch, "coadd_inputs.parquet") for r in _visit_rows(wildcards)]
 
 
 def diff_own_warps(wildcards):
     """The visit's own warps, needed to remove it from its template (leave-one-out)."""
     if not config["diff"]["leave_one_out"]:
         return []
-    rows = _visit_rows(wildcards)
-    rows = rows[rows["included"]]
-    return [path("warp", b, p, f"v{wildcards.visit}-d{wildcards.detector}.fits")
-            for b, p in zip(rows["band"], rows["patch"])]
+    return [path("warp", r.band, r.patch, f"v{wildcards.visit}-d{wildcards.detector}.fits")
+            for r in _visit_rows(wildcards) if r.included]
 
 
 rule diff:
@@ -41,7 +37,7 @@ rule diff:
     params:
         diff=config["diff"],
         skymap=skymap_json,
-        patches=lambda wc: list(_visit_rows(wc)["patch"]),
+        patches=lambda wc: [r.patch for r in _visit_rows(wc)],
     log:
         path("logs", "diff", "v{visit}-d{detector}.log"),
     benchmark:

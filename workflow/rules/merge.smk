@@ -2,18 +2,17 @@
 
 
 def ok_visit_pairs():
-    rows = overlaps()[["visit", "detector"]].drop_duplicates()
-    return list(zip(rows["visit"], rows["detector"]))
+    return list(overlap_lookup()[0])
 
 
 def coadd_targets(name):
-    rows = overlaps()[["band", "patch"]].drop_duplicates()
-    return [path("coadd", b, p, name) for b, p in zip(rows["band"], rows["patch"])]
+    return [path("coadd", b, p, name) for b, p in overlap_lookup()[1]]
 
 
 rule merge_tables:
     input:
         index=path("index", "exposures.parquet"),
+        overlaps=path("skymap", "overlaps.parquet"),
         qa=calexp_qa_files,
         diff_status=lambda wc: [path("diff", f"v{v}-d{d}.status.json") for v, d in ok_visit_pairs()],
         dia_sources=lambda wc: [path("diff", f"v{v}-d{d}.dia_sources.parquet") for v, d in ok_visit_pairs()],
