@@ -34,7 +34,7 @@ def _dataset(seed=1):
             rows.append({"visit": v, "band": band, "mjd": 60000.0 + v, "id": i,
                          "flux_njy": level * (2.0 if v % 4 in (1, 2) else 1.0)})
     fluxes = pd.DataFrame(rows)
-    ci = pd.DataFrame({"band": visits["band"], "patch": "0,0", "visit": visits["visit"],
+    ci = pd.DataFrame({"band": visits["band"], "patch": "0x0", "visit": visits["visit"],
                        "detector": 0, "included": visits["visit"] <= 4,
                        "weight": np.where(visits["visit"] <= 4, 0.5, 0.0), "reason": ""})
     exp = expected_difference_flux(fluxes, ci).merge(var, on="id")
@@ -55,7 +55,7 @@ def test_expected_flux_analytic():
     """Template = weighted mean over included visits; leave-one-out and coverage."""
     fluxes = pd.DataFrame({"visit": [1, 2, 3], "band": "r", "id": 7,
                            "flux_njy": [100.0, 400.0, 1000.0]})
-    ci = pd.DataFrame({"band": "r", "patch": ["0,0", "0,0", "0,0"], "visit": [1, 2, 3],
+    ci = pd.DataFrame({"band": "r", "patch": ["0x0", "0x0", "0x0"], "visit": [1, 2, 3],
                        "detector": 0, "included": [True, True, False],
                        "weight": [0.25, 0.75, 0.0], "reason": ["", "", "too broad"]})
     e = expected_difference_flux(fluxes, ci).set_index("visit")
@@ -68,11 +68,11 @@ def test_expected_flux_analytic():
     cov = pd.DataFrame({"visit": [1, 2, 3], "id": 7, "covered": [True, False, True]})
     c = expected_difference_flux(fluxes, ci, cov).set_index("visit")
     np.testing.assert_allclose(c["template_flux_njy"], 100.0)   # only visit 1 saw it
-    two = pd.concat([ci, ci.assign(patch="1,0", weight=[0.5, 0.5, 0.0])], ignore_index=True)
+    two = pd.concat([ci, ci.assign(patch="1x0", weight=[0.5, 0.5, 0.0])], ignore_index=True)
     mean = expected_difference_flux(fluxes, two).set_index("visit")   # weights averaged
     np.testing.assert_allclose(mean["template_flux_njy"], (0.375 * 100 + 0.625 * 400))
     own = expected_difference_flux(fluxes, two, source_patches=pd.DataFrame(
-        {"id": [7], "patch": ["1,0"]})).set_index("visit")
+        {"id": [7], "patch": ["1x0"]})).set_index("visit")
     np.testing.assert_allclose(own["template_flux_njy"], 250.0)     # patch 1,0's weights
     alone = expected_difference_flux(fluxes.iloc[:1], ci.iloc[:1], leave_one_out=True)
     assert np.isnan(alone["expected_flux_njy"]).all()               # no template input left

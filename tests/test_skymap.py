@@ -71,16 +71,16 @@ def test_tract_wcs_orientation_and_scale(skymap):
 def test_patch_geometry(skymap):
     names = skymap.patch_names()
     assert len(names) == skymap.n_patches_x * skymap.n_patches_y
-    assert names[0] == "0,0" and parse_patch_name(names[-1]) == (skymap.n_patches_x - 1,
+    assert names[0] == "0x0" and parse_patch_name(names[-1]) == (skymap.n_patches_x - 1,
                                                                  skymap.n_patches_y - 1)
-    outer, inner = skymap.patch_bbox("0,0")
+    outer, inner = skymap.patch_bbox("0x0")
     assert (inner.x0, inner.y0) == (0, 0)  # patch 0,0 inner region starts at pixel 0
     assert (outer.x0, outer.y0) == (-50, -50)
-    assert skymap.patch_shape("1,0") == (500, 500)
-    sy, sx = skymap.patch_inner_slices("1,0")
+    assert skymap.patch_shape("1x0") == (500, 500)
+    sy, sx = skymap.patch_inner_slices("1x0")
     assert (sy, sx) == (slice(50, 450), slice(50, 450))
     with pytest.raises(ValueError, match="outside this sky map"):
-        skymap.patch_bbox(f"{skymap.n_patches_x},0")
+        skymap.patch_bbox(f"{skymap.n_patches_x}x0")
     with pytest.raises(ValueError, match="not of the form"):
         skymap.patch_bbox("patch-3")
 
@@ -130,14 +130,14 @@ def test_footprint_at_a_patch_corner_overlaps_four_patches():
     # a small square (20 px) centred on the corner shared by patches 0,0 1,0 0,1 1,1
     ra, dec = sm.wcs.pixel_to_world_values(np.array([290, 310, 310, 290]) - 0.5,
                                            np.array([290, 290, 310, 310]) - 0.5)
-    assert sorted(sm.patches_overlapping(ra, dec, margin_arcsec=0)) == ["0,0", "0,1", "1,0",
-                                                                        "1,1"]
+    assert sorted(sm.patches_overlapping(ra, dec, margin_arcsec=0)) == ["0x0", "0x1", "1x0",
+                                                                        "1x1"]
     # a footprint well inside patch 1,1's inner region touches only it...
     ra, dec = sm.wcs.pixel_to_world_values(np.array([430, 470, 470, 430]),
                                            np.array([430, 430, 470, 470]))
-    assert sm.patches_overlapping(ra, dec, margin_arcsec=0) == ["1,1"]
+    assert sm.patches_overlapping(ra, dec, margin_arcsec=0) == ["1x1"]
     # ...until the margin (150 px = 30 arcsec) reaches all neighbours' borders (130 px away)
-    assert sm.patches_overlapping(ra, dec, margin_arcsec=20.0) == ["1,1"]
+    assert sm.patches_overlapping(ra, dec, margin_arcsec=20.0) == ["1x1"]
     near = sm.patches_overlapping(ra, dec, margin_arcsec=30.0)
     assert len(near) == 9
     # a footprint off the tract overlaps nothing
@@ -152,7 +152,7 @@ def test_triangle_footprint_misses_the_far_corner_patch():
                 n_patches_x=2, n_patches_y=2)
     # hypotenuse x + y = 190 stays below patch 1,1 (x + y >= 199 there)
     ra, dec = sm.wcs.pixel_to_world_values(np.array([10, 180, 10]), np.array([10, 10, 180]))
-    assert sorted(sm.patches_overlapping(ra, dec, margin_arcsec=0)) == ["0,0", "0,1", "1,0"]
+    assert sorted(sm.patches_overlapping(ra, dec, margin_arcsec=0)) == ["0x0", "0x1", "1x0"]
     # a margin of 2 arcsec (10 px) closes the 9 px gap / sqrt(2)
     assert len(sm.patches_overlapping(ra, dec, margin_arcsec=2.0)) == 4
 
@@ -173,8 +173,8 @@ def test_ra_wrap():
         assert np.all((x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5))
     # east is left: footprint 1 (RA 0.05) spans tract x ~ 102..678, footprint 0
     # (RA 359.95) x ~ 821..1397; both y ~ 211..787
-    assert sm.patches_overlapping(*fps[1]) == ["0,0", "1,0", "0,1", "1,1"]
-    assert sm.patches_overlapping(*fps[0]) == ["1,0", "2,0", "1,1", "2,1"]
+    assert sm.patches_overlapping(*fps[1]) == ["0x0", "1x0", "0x1", "1x1"]
+    assert sm.patches_overlapping(*fps[0]) == ["1x0", "2x0", "1x1", "2x1"]
 
 
 def test_bad_inputs():

@@ -9,7 +9,7 @@ pixels.  Each patch is grown by ``patch_border`` pixels on every side (its
 Pixel conventions (see :mod:`diffim`): 0-based, pixel ``(0, 0)`` is the centre
 of the first pixel, arrays are ``[y, x]``.  In *tract pixels* the inner region
 of patch ``(ix, iy)`` is the pixels ``ix * patch_inner <= x < (ix + 1) *
-patch_inner`` (and the same in y), so patch ``"0,0"``'s inner region starts at
+patch_inner`` (and the same in y), so patch ``"0x0"``'s inner region starts at
 tract pixel 0 and the tract covers ``-0.5 <= x < n_patches_x * patch_inner -
 0.5``.  Outer boxes are *not* clipped to the tract (unlike LSST), so every
 patch has the same shape ``(patch_inner + 2 * patch_border,) * 2``; the border
@@ -18,7 +18,9 @@ of an edge patch simply extends past the tract.
 A patch's WCS is the tract WCS with ``CRPIX`` shifted by the patch's outer-box
 origin, so patch pixel ``p`` is tract pixel ``p + (x0, y0)`` exactly.
 
-Patch names are ``"{ix},{iy}"`` (``"0,0"``, ``"3,1"``), as in LSST.
+Patch names are ``"{ix}x{iy}"`` (``"0x0"``, ``"3x1"``).  LSST writes ``"3,1"``,
+but a comma in a wildcard value breaks Snakemake's cluster job submission
+(it passes wildcards as a comma-separated list), so patch names have none.
 """
 
 from __future__ import annotations
@@ -76,10 +78,10 @@ class BBox:
 def parse_patch_name(name: str) -> tuple[int, int]:
     """``"ix,iy"`` -> ``(ix, iy)``; raises ``ValueError`` on a malformed name."""
     try:
-        ix_text, iy_text = str(name).split(",")
+        ix_text, iy_text = str(name).split("x")
         return int(ix_text), int(iy_text)
     except ValueError:
-        raise ValueError(f"patch name {name!r} is not of the form 'ix,iy' (e.g. '0,0')") from None
+        raise ValueError(f"patch name {name!r} is not of the form 'IXxIY' (e.g. '0x0')") from None
 
 
 def _tan_wcs(ra: float, dec: float, scale_arcsec: float, crpix: tuple[float, float],
@@ -181,8 +183,8 @@ class SkyMap:
         return _tan_wcs(self.ra, self.dec, self.pixel_scale, self.tract_crpix, self.tract_shape)
 
     def patch_names(self) -> list[str]:
-        """All patch names, ``"ix,iy"``, iy-major (row by row from the south)."""
-        return [f"{ix},{iy}" for iy in range(self.n_patches_y) for ix in range(self.n_patches_x)]
+        """All patch names, ``"IXxIY"``, iy-major (row by row from the south)."""
+        return [f"{ix}x{iy}" for iy in range(self.n_patches_y) for ix in range(self.n_patches_x)]
 
     def _patch_index(self, name: str) -> tuple[int, int]:
         ix, iy = parse_patch_name(name)

@@ -31,6 +31,9 @@ def _warp_output(name):
 rule warp:
     input:
         calexp=path("calexp", "v{visit}-d{detector}.fits"),
+        # params read the sky map checkpoint; on a cluster they need it as an input.
+        # ancient(): its new timestamp after a rebuild must not redo every job.
+        skymap_done=ancient(path("skymap", "skymap.json")),
     output:
         warp=_warp_output("v{visit}-d{detector}.fits"),
     params:
@@ -62,6 +65,9 @@ def coadd_candidates(wildcards):
 rule coadd:
     input:
         warps=coadd_warps,
+        # params read the sky map checkpoint; on a cluster they need it as an input.
+        # ancient(): its new timestamp after a rebuild must not redo every job.
+        skymap_done=ancient(path("skymap", "skymap.json")),
     output:
         coadd=path("coadd", "{band}", "{patch}", "coadd.fits"),
         inputs=path("coadd", "{band}", "{patch}", "coadd_inputs.parquet"),

@@ -25,7 +25,7 @@ wildcard_constraints:
     visit=r"\d+",
     detector=r"\d+",
     band=r"[a-z0-9_\-]+",
-    patch=r"\d+,\d+",
+    patch=r"\d+x\d+",
 
 
 def mem(base_mb):

@@ -27,6 +27,9 @@ rule diff:
     input:
         calexp=path("calexp", "v{visit}-d{detector}.fits"),
         coadds=diff_coadds,
+        # params read the sky map checkpoint; on a cluster they need it as an input.
+        # ancient(): its new timestamp after a rebuild must not redo every job.
+        skymap_done=ancient(path("skymap", "skymap.json")),
         coadd_inputs=diff_coadd_inputs,
         own_warps=diff_own_warps,
     output:
