@@ -51,3 +51,4 @@ def test_pixels_only_the_visit_covered_become_no_data():
     assert np.all(np.isnan(loo.image[:10]))
     assert np.all(loo.mask[:10] & masks.bit("NO_DATA"))
     np.testing.assert_allclose(loo.image[10:], images[1][10:], rtol=1e-5)
+
