@@ -63,11 +63,11 @@ def _assert_same_products(out_a: Path, out_b: Path):
 
 
 #: Kill points: a file whose appearance means the run is inside that stage.
-KILL_POINTS = {"calexp": "calexp/*.qa.json", "coadd": "coadd/*/*/coadd.fits",
-               "diff": "diff/*.status.json"}
+KILL_POINTS = {"calexp": "calexp/*.qa.json", "warp": "warp/*/*/*.fits",
+               "coadd": "coadd/*/*/coadd.fits", "diff": "diff/*.status.json"}
 
 
-@pytest.mark.parametrize("stage", ["calexp", "coadd", "diff"])
+@pytest.mark.parametrize("stage", ["calexp", "warp", "coadd", "diff"])
 def test_killed_run_resumes_to_identical_products(tiny_run, tmp_path, stage):
     """SIGKILL the whole run (Snakemake and its jobs) inside a stage, resume with
     the README's commands, and compare with the uninterrupted run."""
