@@ -115,7 +115,7 @@ def overlaps_table(index: pd.DataFrame) -> pd.DataFrame:
         ix, iy = v % N_PATCHES, (v // N_PATCHES) % N_PATCHES
         included = v % EXCLUDE_EVERY != 0
         model = MODEL_FWHM_ARCSEC[q.band]
-        for patch in (f"{ix},{iy}", f"{(ix + 1) % N_PATCHES},{iy}"):
+        for patch in (f"{ix}x{iy}", f"{(ix + 1) % N_PATCHES}x{iy}"):
             rows.append(dict(visit=v, detector=int(q.detector), band=q.band, patch=patch,
                              included=included,
                              reason="" if included else "FWHM above the seeing cut",
