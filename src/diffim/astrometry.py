@@ -276,6 +276,9 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
     ny, nx = shape
     centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
     scale_as = _pixel_scale_arcsec(approx_wcs, centre)
+    if not (np.isfinite(scale_as) and scale_as > 0):
+        raise AstrometryError("the header WCS is degenerate at the image centre (pixel scale "
+                              f"{scale_as!r} arcsec); check CRPIX, CRVAL and the CD matrix")
     max_shift_px = max_shift_arcsec / scale_as
     margin_px = (max_shift_px + np.hypot(nx, ny) / 2
                  * (np.radians(max_rot_deg) + max_scale) + 2 * _VOTE_BIN_PX)

