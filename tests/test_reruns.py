@@ -113,8 +113,9 @@ def test_touching_one_input_redoes_only_what_depends_on_it(tiny_run):
     assert calexps == {f"calexp/v{visit}-d0.fits"}
     # the other visits' calexps and sources are untouched
     assert not any(c.startswith("calexp/") and f"v{visit}-" not in c for c in changed)
-    # a visit's diff is redone only when it uses a coadd this visit entered
-    inputs = pd.read_parquet(out / "coadd_inputs.parquet")
-    entered = inputs[(inputs["visit"] == visit) & inputs["included"]][["band", "patch"]]
+    # redone: the coadds whose inputs include one of this visit's warps (every patch
+    # it overlaps and is selected for, even where its warp turned out empty)
+    overlaps = pd.read_parquet(out / "skymap" / "overlaps.parquet")
+    entered = overlaps[(overlaps["visit"] == visit) & overlaps["included"]][["band", "patch"]]
     redone_coadds = {c for c in changed if c.startswith("coadd/") and c.endswith("coadd.fits")}
     assert redone_coadds == {f"coadd/{b}/{p}/coadd.fits" for b, p in zip(entered["band"], entered["patch"])}
