@@ -86,16 +86,23 @@ def gaussian_kernel(fwhm: float, size: int, *, e1: float = 0.0, e2: float = 0.0,
     y, x = np.mgrid[:size, :size].astype(float)
     x -= c + dx
     y -= c + dy
-    # second-moment matrix with determinant sigma^4
+    k = np.exp(-0.5 * _elliptical_r2(x, y, sigma**2, e1, e2))
+    return k / k.sum()
+
+
+def _elliptical_r2(x, y, scale2: float, e1: float, e2: float):
+    """``r^2`` in units of an elliptical scale whose matrix has determinant ``scale2^2``.
+
+    The shape matrix is ``scale2 / sqrt(1 - e^2) [[1 + e1, e2], [e2, 1 - e1]]``
+    (``e = |(e1, e2)| < 1``), so the geometric-mean size is ``sqrt(scale2)``.
+    """
     e = np.hypot(e1, e2)
     if e >= 1:
         raise ValueError("ellipticity must be < 1")
-    s2 = sigma**2 / np.sqrt(1 - e**2)
+    s2 = scale2 / np.sqrt(1 - e**2)
     cxx, cyy, cxy = s2 * (1 + e1), s2 * (1 - e1), s2 * e2
     det = cxx * cyy - cxy**2
-    r2 = (cyy * x**2 - 2 * cxy * x * y + cxx * y**2) / det
-    k = np.exp(-0.5 * r2)
-    return k / k.sum()
+    return (cyy * x**2 - 2 * cxy * x * y + cxx * y**2) / det
 
 
 def moffat_kernel(fwhm: float, size: int, *, beta: float = 3.5, e1: float = 0.0,
@@ -113,14 +120,7 @@ def moffat_kernel(fwhm: float, size: int, *, beta: float = 3.5, e1: float = 0.0,
     grid = (np.arange(n) + 0.5) / oversample - 0.5 - c
     x = grid[None, :] - dx
     y = grid[:, None] - dy
-    e = np.hypot(e1, e2)
-    if e >= 1:
-        raise ValueError("ellipticity must be < 1")
-    a2 = alpha**2 / np.sqrt(1 - e**2)
-    cxx, cyy, cxy = a2 * (1 + e1), a2 * (1 - e1), a2 * e2
-    det = cxx * cyy - cxy**2
-    r2 = (cyy * x**2 - 2 * cxy * x * y + cxx * y**2) / det
-    k = (1.0 + r2) ** (-beta)
+    k = (1.0 + _elliptical_r2(x, y, alpha**2, e1, e2)) ** (-beta)
     k = k.reshape(size, oversample, size, oversample).sum(axis=(1, 3))
     return k / k.sum()
 
