@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob as globmod
 import logging
 import os
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -113,14 +112,3 @@ def _mark_duplicates(table: pd.DataFrame) -> pd.DataFrame:
         else:
             seen[key] = table.at[i, "file"]
     return table
-
-
-def ok_exposures(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the index with status ok, sorted by (visit, detector)."""
-    ok = table[table["status"] == "ok"]
-    return ok.sort_values(["visit", "detector"]).reset_index(drop=True)
-
-
-def resolve(path) -> str:
-    """Absolute form of a path, for comparing index rows across working directories."""
-    return str(Path(path).resolve())
