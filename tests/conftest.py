@@ -37,8 +37,11 @@ def run_snakemake(workdir, *args, config: dict | None = None, check=True, timeou
 
 
 def tiny_config(outdir="results", **overrides) -> dict:
+    # warps kept: with temporary warps, redoing one visit's diff (leave-one-out needs
+    # its own warps) regenerates its warps in every patch and so redoes those coadds
     config = {"outdir": outdir, "simulate": dict(TINY_SIMULATION),
-              "skymap": {"patch_inner": 300, "patch_border": 20}}
+              "skymap": {"patch_inner": 300, "patch_border": 20},
+              "coadd": {"keep_warps": True}}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
