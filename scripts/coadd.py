@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 
+from diffim.calexp import pixel_scale_arcsec
 from diffim.coadd import assemble_coadd, typical_variance, visit_weights
 from diffim.exposure import Exposure
 from diffim.masks import bit
@@ -79,8 +80,8 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
         extra = [fits.ImageHDU(np.zeros(shape, np.int16), name="NIMAGE"),
                  fits.ImageHDU(np.zeros(shape, np.float32), name="WEIGHTSUM")]
         logger.warning("coadd %s %s: no usable input visit", band, patch)
-    scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
-    psf = PsfModel.gaussian(model_fwhm_arcsec / scale, kernel_size, width=shape[1], height=shape[0])
+    psf = PsfModel.gaussian(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
+                            width=shape[1], height=shape[0])
     meta = dict(BAND=band, PATCH=patch, BUNIT="nJy", NINPUTS=len(paths),
                 MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"])
     for i, ((v, d), w) in enumerate(zip(keys, weights)):

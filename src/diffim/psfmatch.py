@@ -15,6 +15,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from . import masks
+from .calexp import pixel_scale_arcsec
 from .errors import NoOverlapError, PsfFitError
 from .exposure import Exposure
 from .kernel import can_match, match_exposure
@@ -91,7 +92,7 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
         The calexp does not reach the patch.
     """
     size = calexp.psf.kernel_size
-    scale = _pixel_scale(calexp.wcs)
+    scale = pixel_scale_arcsec(calexp.wcs)
     model = gaussian_kernel(model_fwhm_arcsec / scale, size)
     for x, y in _check_points(calexp.shape):
         ok, reason = can_match(calexp.psf.at(x, y), model)
@@ -108,7 +109,7 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     sub_wcs = patch_wcs.deepcopy()
     sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
-    patch_scale = _pixel_scale(patch_wcs)
+    patch_scale = pixel_scale_arcsec(patch_wcs)
     psf = PsfModel.gaussian(model_fwhm_arcsec / patch_scale, size,
                             width=patch_shape[1], height=patch_shape[0])
     meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")
@@ -122,10 +123,6 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
 def _check_points(shape):
     ny, nx = shape
     return [(x, y) for x in (0, (nx - 1) / 2, nx - 1) for y in (0, (ny - 1) / 2, ny - 1)]
-
-
-def _pixel_scale(wcs: WCS) -> float:
-    return float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
 
 
 def has_data(warp: Exposure) -> bool:
