@@ -221,3 +221,22 @@ def test_grow_mask_box():
     grown = grow_mask(mask, 2)
     assert ((grown & bit("SAT")) != 0).sum() == 25
     assert ((grown & bit("NO_DATA")) != 0).sum() == 81 - 25
+
+
+def test_fourier_image_matches_convolve2d_for_several_kernels():
+    from diffim.kernel import FourierImage, fft_convolve
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(61, 47))
+    fim = FourierImage(image, 9)
+    for size in (3, 9):
+        kernel = rng.normal(size=(size, size))
+        # float64 FFT round-off only
+        np.testing.assert_allclose(fim.convolve(kernel), convolve2d(image, kernel, mode="same"),
+                                   atol=1e-10)
+    out32 = fft_convolve(image.astype(np.float32), np.ones((5, 5), np.float32))
+    assert out32.dtype == np.float32
+    # complex64 round-off: ~1e-6 relative to the largest partial sums (|sum| ~ 10)
+    np.testing.assert_allclose(out32, convolve2d(image, np.ones((5, 5)), mode="same"), atol=1e-4)
+    with pytest.raises(ValueError, match="at most 9"):
+        fim.convolve(np.ones((11, 11)))

@@ -34,3 +34,16 @@ def test_invalid_models_are_refused():
         gaussian_kernel(3.0, 20)
     with pytest.raises(ValueError, match="order 1 needs 3"):
         PsfModel(coeffs=np.zeros((2, 15, 15)), order=1, width=10, height=10)
+
+
+def test_padded_model_is_the_same_psf():
+    from diffim.psf import PsfModel, moffat_kernel
+
+    model = PsfModel.constant(moffat_kernel(3.0, 21, beta=3.0), 100, 100)
+    big = model.padded(31)
+    assert big.kernel_size == 31
+    np.testing.assert_array_equal(big.at()[5:26, 5:26], model.at())  # exact: zeros added only
+    assert big.at().sum() == pytest.approx(1.0)
+    assert model.padded(21) is model
+    with pytest.raises(ValueError, match="cannot pad"):
+        model.padded(11)

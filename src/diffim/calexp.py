@@ -9,7 +9,7 @@ configured kernel size, a fitted TAN-SIP WCS and a zero point.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -32,10 +32,13 @@ logger = logging.getLogger(__name__)
 class CalexpConfig:
     """Knobs of the calexp stage (the workflow's ``psf`` and ``calexp`` config).
 
-    Attributes are documented in ``config/schema.yaml``.
+    Attributes are documented in ``config/schema.yaml``.  ``kernel_size=None``
+    (stand-alone use, :mod:`diffim.pair`) sizes the PSF model from the
+    image's first seeing estimate (:func:`auto_kernel_size`); the workflow
+    always fixes one size for every stage.
     """
 
-    kernel_size: int = 41
+    kernel_size: int | None = 41
     psf_max_order: int = 2
     psf_min_stars: int = 8
     detect_threshold: float = 5.0
@@ -85,9 +88,111 @@ def validate_pixels(image: np.ndarray, path: str = "") -> np.ndarray:
     return nodata
 
 
+@dataclass
+class Characterization:
+    """Output of :func:`characterize`: an image with its noise, defects and PSF.
+
+    Attributes
+    ----------
+    image : ndarray float32 (ny, nx)
+        Background-subtracted pixels (input units; NaN input -> 0, ``NO_DATA``).
+    variance : ndarray float32 (ny, nx)
+        Per-pixel variance (input units squared).
+    mask : ndarray int32 (ny, nx)
+        ``NO_DATA``, ``SAT``, ``BAD``, ``CR`` and ``EDGE`` (half a kernel from the border).
+    background : ndarray float32 (ny, nx)
+        The subtracted sky.
+    sources : pandas.DataFrame
+        Detected sources (:func:`diffim.sources.detect_sources`).
+    stars : pandas.DataFrame
+        PSF-star candidates offered to the PSF fit.
+    psf_fit : PsfFitResult
+        The PSF model (``psf_fit.psf``) and its fit record.
+    saturation : float
+        Saturation level used (input units).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    background: np.ndarray
+    sources: pd.DataFrame
+    stars: pd.DataFrame
+    psf_fit: object
+    saturation: float
+
+
+def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
+                 saturation: float | None = None, path: str = "") -> Characterization:
+    """Sky, variance, defects, sources and PSF model of one image (no astrometry).
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        Pixels in electrons (gain 1: the variance is ``image + read_noise^2``),
+        sky not subtracted; NaN = no data.
+    config : CalexpConfig
+        Only the PSF and detection knobs are used here.
+    read_noise : float
+        Read noise (electrons).
+    saturation : float, optional
+        Saturation level (electrons); default just above the image maximum
+        (nothing saturated).
+    path : str
+        File name, for error messages.
+
+    Raises
+    ------
+    InputError, NoUsableStarsError
+        With a reason a person understands.
+    """
+    nodata = validate_pixels(image, path)
+    mask = np.where(nodata, masks.bit("NO_DATA"), 0).astype(masks.MASK_DTYPE)
+    raw = np.where(nodata, 0.0, image).astype(np.float32)
+    saturation = saturation or float(np.nanmax(image)) * 1.001
+    sat = find_saturated(raw, saturation=saturation)
+    sat |= find_bleed_trails(raw, sat, saturation=saturation)
+    mask[sat] |= masks.bit("SAT")
+    bkg = sep_background(raw, mask, box=config.background_box).back(dtype=np.float32)
+    variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
+    sub = raw - bkg  # float32
+    fwhm0 = _first_fwhm(sub, variance, mask, config, path)
+    # SAT is already set (from `raw`, as find_defects would): add BAD and CR
+    add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
+    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
+                             psf_fwhm_px=fwhm0)
+    if len(sources) < 3:
+        raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
+                                 f"{config.detect_threshold} sigma (cloudy, empty or broken image)")
+    if config.kernel_size is None:
+        config = replace(config, kernel_size=auto_kernel_size(fwhm0))
+    stars = _psf_stars(sources, sub, mask, config, saturation)
+    if len(stars) < config.psf_min_stars:
+        raise NoUsableStarsError(
+            f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
+            f"(psf.min_stars = {config.psf_min_stars})")
+    psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
+                      order=config.psf_max_order, min_stars=config.psf_min_stars)
+    _add_edge_mask(mask, config.kernel_size)
+    return Characterization(image=sub, variance=variance, mask=mask, background=bkg,
+                            sources=sources, stars=stars, psf_fit=psf_fit,
+                            saturation=float(saturation))
+
+
+def auto_kernel_size(fwhm: float, *, n_fwhm: float = 4.5, minimum: int = 21) -> int:
+    """Odd PSF-model size (pixels) reaching ``n_fwhm`` FWHM from the centre.
+
+    At 4.5 FWHM a Moffat (beta = 3) PSF keeps ~99 % of its flux inside the
+    model; the minimum keeps enough sky around sharp PSFs for the fit.
+    """
+    if not (np.isfinite(fwhm) and fwhm > 0):
+        raise ValueError(f"fwhm must be a positive number of pixels, got {fwhm}")
+    return max(int(minimum) | 1, 2 * int(np.ceil(n_fwhm * fwhm)) + 1)
+
+
 def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.DataFrame,
                      *, config: CalexpConfig, path: str = "") -> CalexpResult:
-    """Calibrate one exposure.
+    """Calibrate one exposure: :func:`characterize`, then astrometry and zero point.
 
     Parameters
     ----------
@@ -107,46 +212,24 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     ------
     DiffimError subclasses with a reason a person understands.
     """
-    nodata = validate_pixels(image, path)
-    mask = np.where(nodata, masks.bit("NO_DATA"), 0).astype(masks.MASK_DTYPE)
-    raw = np.where(nodata, 0.0, image).astype(np.float32)
     read_noise = meta.get("rdnoise") or config.read_noise
-    saturation = meta.get("saturate") or config.saturation or float(np.nanmax(image)) * 1.001
-
-    sat = find_saturated(raw, saturation=saturation)
-    sat |= find_bleed_trails(raw, sat, saturation=saturation)
-    mask[sat] |= masks.bit("SAT")
-    bkg = sep_background(raw, mask, box=config.background_box).back(dtype=np.float32)
-    variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
-    sub = raw - bkg  # float32
-    fwhm0 = _first_fwhm(sub, variance, mask, config, path)
-    # SAT is already set (from `raw`, as find_defects would): add BAD and CR
-    add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
-    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
-                             psf_fwhm_px=fwhm0)
-    if len(sources) < 3:
-        raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
-                                 f"{config.detect_threshold} sigma (cloudy, empty or broken image)")
+    ch = characterize(image, config=config, read_noise=read_noise,
+                      saturation=meta.get("saturate") or config.saturation, path=path)
     band = meta["band"]
     ref = _refcat_for_band(refcat, band, path)
+    sources = ch.sources
     astro = fit_wcs(sources["x"].to_numpy(), sources["y"].to_numpy(), sources["flux"].to_numpy(),
                     ref["ra"].to_numpy(), ref["dec"].to_numpy(), ref[f"{band}_mag"].to_numpy(),
                     approx_wcs, shape=image.shape, max_shift_arcsec=config.max_shift_arcsec,
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
                     sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec)
-    stars = _psf_stars(sources, sub, mask, config, saturation)
-    if len(stars) < config.psf_min_stars:
-        raise NoUsableStarsError(
-            f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
-            f"(psf.min_stars = {config.psf_min_stars})")
-    psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
-                      order=config.psf_max_order, min_stars=config.psf_min_stars)
-    _add_edge_mask(mask, config.kernel_size)
-    zp, phot = _calibrate(sub, variance, mask, psf_fit.psf, sources, astro, ref, band)
+    psf_fit = ch.psf_fit
+    zp, phot = _calibrate(ch.image, ch.variance, ch.mask, psf_fit.psf, sources, astro, ref, band)
     sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
-    exposure = Exposure(image=sub, variance=variance, mask=mask, wcs=astro.wcs, psf=psf_fit.psf,
-                        meta=_calexp_meta(meta, zp, psf_fit, astro, bkg, saturation, read_noise))
-    qa = _qa(meta, exposure, psf_fit, astro, zp, bkg, len(sources), len(stars))
+    exposure = Exposure(image=ch.image, variance=ch.variance, mask=ch.mask, wcs=astro.wcs,
+                        psf=psf_fit.psf, meta=_calexp_meta(meta, zp, psf_fit, astro, ch.background,
+                                                           ch.saturation, read_noise))
+    qa = _qa(meta, exposure, psf_fit, astro, zp, ch.background, len(sources), len(ch.stars))
     return CalexpResult(exposure=exposure, sources=sources, qa=qa)
 
 
@@ -168,6 +251,8 @@ def _psf_stars(sources, sub, mask, config, saturation):
 
 #: Side (px) of the central cut-out used for the first seeing estimate.
 FIRST_FWHM_BOX = 1536
+#: Stamp size (px) of that estimate when the PSF-model size is not fixed yet.
+FIRST_FWHM_STAMP = 41
 
 
 def _first_fwhm(sub, variance, mask, config, path) -> float:
@@ -184,7 +269,8 @@ def _first_fwhm(sub, variance, mask, config, path) -> float:
     if len(catalog) < 3:
         raise NoUsableStarsError(f"{path}: only {len(catalog)} sources detected above 10 sigma "
                                  "(cloudy, empty or broken image)")
-    fwhm = estimate_psf_fwhm(sub[cut], catalog, mask[cut], kernel_size=config.kernel_size)
+    fwhm = estimate_psf_fwhm(sub[cut], catalog, mask[cut],
+                             kernel_size=config.kernel_size or FIRST_FWHM_STAMP)
     if not np.isfinite(fwhm):
         raise NoUsableStarsError(f"{path}: no star bright and isolated enough to measure the seeing")
     return float(fwhm)

@@ -59,6 +59,7 @@ Measurement
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,7 @@ from scipy import ndimage, optimize, signal
 
 from . import masks
 from .exposure import Exposure
+from .kernel import fft_convolve
 
 logger = logging.getLogger(__name__)
 
@@ -109,17 +111,19 @@ def significance_image(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
     """
     bad = np.zeros(image.shape, bool) if bad is None else bad
     bad = bad | ~np.isfinite(image) | ~np.isfinite(variance) | (variance < 0)
-    d = np.where(bad, 0.0, image).astype(np.float32)
-    v = np.where(bad, 0.0, variance).astype(np.float32)
+    d = np.where(bad, np.float32(0), image.astype(np.float32, copy=False))
+    v = np.where(bad, np.float32(0), variance.astype(np.float32, copy=False))
     p = np.asarray(psf, dtype=np.float32)[::-1, ::-1]
-    with sp_fft.set_workers(2):
-        num = signal.oaconvolve(d, p, mode="same")
-        den = signal.oaconvolve(v, p * p, mode="same")
-    floor = 1e-6 * float(np.median(den[~bad])) if (~bad).any() else 0.0
-    ok = (den > floor) & ~bad
-    out = np.zeros(image.shape, dtype=np.float32)
-    out[ok] = num[ok] / np.sqrt(den[ok])
-    return out
+    num = fft_convolve(d, p)
+    del d
+    den = fft_convolve(v, p * p)
+    del v
+    sample = den[::4, ::4][~bad[::4, ::4]]  # every 16th pixel sets the floor
+    floor = 1e-6 * float(np.median(sample)) if sample.size else 0.0
+    ok = den > floor
+    ok &= ~bad
+    np.sqrt(den, out=den, where=ok)
+    return np.divide(num, den, out=np.zeros(image.shape, dtype=np.float32), where=ok)
 
 
 #: Half-size (pixels) of the measured noise autocorrelation; the difference of
@@ -245,8 +249,7 @@ def filtered_noise_scale(diff: Exposure, *, clip: float = 4.0, n_iter: int = 3) 
     ``diff.meta["NOISECOR"]``.
     """
     bad = _bad_pixels(diff)
-    h, c_filter, _ = _noise_terms(diff)
-    sig = significance_image(diff.image, diff.variance * np.float32(c_filter), h, bad)
+    sig = detection_significance(diff)
     values = sig[(~bad) & (sig != 0)][::7]  # every 7th pixel: plenty, and fast
     if values.size < 100:
         return 1.0
@@ -257,28 +260,48 @@ def filtered_noise_scale(diff: Exposure, *, clip: float = 4.0, n_iter: int = 3) 
     return scale if np.isfinite(scale) and scale > 0 else 1.0
 
 
-def _noise_terms(diff: Exposure) -> tuple[np.ndarray, float, float]:
-    """Detection filter and the variance factors of the filter and of PSF fits.
+@dataclass(frozen=True)
+class NoiseTerms:
+    """The detection filter and noise factors of one difference image.
 
-    Includes ``diff.meta["NOISECOR"]`` (squared) when set.
+    Measured once per difference (:func:`noise_terms`, ~0.1-0.3 s) and passed
+    to :func:`detection_significance`, :func:`detect_dia_sources` and
+    :func:`forced_psf_photometry` so that they agree and do not re-measure.
+
+    Attributes
+    ----------
+    filter : ndarray (K, K)
+        Detection filter ``h`` (unit sum) of :func:`detection_filter`.
+    c_filter, c_psf : float
+        Variance factors of the filtered image and of PSF fits (including
+        ``diff.meta["NOISECOR"]`` squared when set).
     """
+
+    filter: np.ndarray
+    c_filter: float
+    c_psf: float
+
+
+def noise_terms(diff: Exposure) -> NoiseTerms:
+    """Measure the noise correlation of ``diff`` and derive its :class:`NoiseTerms`."""
+    _check_diff(diff)
     h, c_filter, c_psf = detection_filter(diff.psf.at(), noise_correlation(diff))
     extra = float(diff.meta.get("NOISECOR", 1.0)) ** 2
-    return h, c_filter * extra, c_psf * extra
+    return NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra)
 
 
-def detection_significance(diff: Exposure) -> np.ndarray:
+def detection_significance(diff: Exposure, noise: NoiseTerms | None = None) -> np.ndarray:
     """Detection significance of point sources in ``diff`` (sigma units).
 
     ``(D * h) / sqrt(c (V * h^2))`` with the filter ``h`` and factor ``c`` of
     :func:`detection_filter` for the measured noise correlation: the plain
     matched filter for white noise, ZOGY's score for a difference with a
-    correlated-noise (coadd) template.  0 on unusable pixels.
+    correlated-noise (coadd) template.  0 on unusable pixels.  ``noise``
+    (from :func:`noise_terms`) is measured here when not given.
     """
-    _check_diff(diff)
-    h, c_filter, _ = _noise_terms(diff)
-    return significance_image(diff.image, diff.variance * np.float32(c_filter), h,
-                              _bad_pixels(diff))
+    noise = noise_terms(diff) if noise is None else noise
+    return significance_image(diff.image, diff.variance * np.float32(noise.c_filter),
+                              noise.filter, _bad_pixels(diff))
 
 
 def _scaled(diff: Exposure, factor: float) -> Exposure:
@@ -526,7 +549,9 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
                        min_separation_px: float | None = None,
                        dipole_max_sep_px: float | None = None,
                        dipole_flux_ratio: float = 3.0,
-                       flag_radius_px: float | None = None) -> pd.DataFrame:
+                       flag_radius_px: float | None = None,
+                       noise: NoiseTerms | None = None,
+                       significance: np.ndarray | None = None) -> pd.DataFrame:
     """Detect and measure positive, negative and dipole DIASources.
 
     Parameters
@@ -545,6 +570,11 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     flag_radius_px : float, optional
         Radius of the disc around the centroid added to the footprint for the
         pixel flags (default 1 FWHM).
+    noise : NoiseTerms, optional
+        From :func:`noise_terms` (measured here when not given).
+    significance : ndarray, optional
+        :func:`detection_significance` of ``diff`` with the same ``noise``, if
+        the caller already has it.
 
     Returns
     -------
@@ -555,14 +585,16 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     _check_diff(diff)
     if threshold <= 0:
         raise ValueError(f"threshold must be positive (sigma), got {threshold}")
-    h, c_filter, c_psf = _noise_terms(diff)
+    noise = noise_terms(diff) if noise is None else noise
     fwhm = diff.psf.fwhm()
     min_sep = 2.0 * fwhm if min_separation_px is None else float(min_separation_px)
     max_sep = 2.0 * fwhm if dipole_max_sep_px is None else float(dipole_max_sep_px)
     radius = fwhm if flag_radius_px is None else float(flag_radius_px)
     bad = _bad_pixels(diff)
-    sig = significance_image(diff.image, diff.variance * np.float32(c_filter), h, bad)
-    diff = _scaled(diff, c_psf)
+    sig = detection_significance(diff, noise) if significance is None else significance
+    if sig.shape != diff.shape:
+        raise ValueError(f"significance {sig.shape} and difference {diff.shape} differ in shape")
+    diff = _scaled(diff, noise.c_psf)
     pos = _measure_side(diff, sig, +1, threshold, min_sep, bad, radius)
     neg = _measure_side(diff, sig, -1, threshold, min_sep, bad, radius)
     rows = _merge_dipoles(diff, bad, pos, neg, max_sep, dipole_flux_ratio)
@@ -574,7 +606,8 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     return df.astype(COLUMNS).sort_values(["y", "x"]).reset_index(drop=True)
 
 
-def forced_psf_photometry(diff: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]:
+def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """PSF-fit flux and error (nJy) at fixed positions of the difference image.
 
     Parameters
@@ -583,6 +616,8 @@ def forced_psf_photometry(diff: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]
         Difference image with variance, mask and PSF.
     x, y : float or array-like
         0-based pixel positions.
+    noise : NoiseTerms, optional
+        From :func:`noise_terms` (measured here when not given).
 
     Returns
     -------
@@ -590,8 +625,8 @@ def forced_psf_photometry(diff: Exposure, x, y) -> tuple[np.ndarray, np.ndarray]
         Weighted least-squares PSF amplitudes and their errors from the
         variance plane; NaN where no usable pixel overlaps the PSF.
     """
-    _check_diff(diff)
-    diff = _scaled(diff, _noise_terms(diff)[2])
+    noise = noise_terms(diff) if noise is None else noise
+    diff = _scaled(diff, noise.c_psf)
     x = np.atleast_1d(np.asarray(x, dtype=float))
     y = np.atleast_1d(np.asarray(y, dtype=float))
     if x.shape != y.shape:

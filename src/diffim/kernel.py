@@ -385,6 +385,67 @@ def _small_kernel_rfft2(kernel: np.ndarray, shape) -> np.ndarray:
     return scipy.fft.fft(rows, n=shape[0], axis=0, workers=FFT_WORKERS)
 
 
+def _odd_size(size) -> int:
+    size = int(size)
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"kernel size must be a positive odd integer, got {size}")
+    return size
+
+
+class FourierImage:
+    """An image's zero-padded FFT, computed once, for convolutions with small kernels.
+
+    Convolving a 4k x 4k float32 image with a 41 x 41 kernel through one
+    full-size real FFT takes ~0.12 s on 2 cores here, against ~0.57 s for
+    ``scipy.signal.oaconvolve``; with the image transform kept, every further
+    kernel costs one kernel transform and one inverse FFT.
+
+    Parameters
+    ----------
+    image : ndarray (ny, nx)
+        float32 (complex64 FFTs, round-off ~1e-7 of the largest value) or float64.
+    max_kernel_size : int
+        Largest (odd) kernel size that will be used; sets the zero padding, so
+        that nothing wraps around: pixels beyond the image count as 0.
+    """
+
+    def __init__(self, image: np.ndarray, max_kernel_size: int):
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise ValueError(f"image must be 2-D, got shape {image.shape}")
+        if image.dtype not in (np.float32, np.float64):
+            image = image.astype(np.float64)
+        self.dtype = image.dtype
+        self.image_shape = image.shape
+        self.max_kernel_size = _odd_size(max_kernel_size)
+        ny, nx = image.shape
+        self.shape = (scipy.fft.next_fast_len(ny + max_kernel_size - 1, real=True),
+                      scipy.fft.next_fast_len(nx + max_kernel_size - 1, real=True))
+        self.transform = scipy.fft.rfft2(image, self.shape, workers=FFT_WORKERS)
+
+    def convolve(self, kernel: np.ndarray) -> np.ndarray:
+        """``image (x) kernel``, same shape as the image (kernel centred at ``K // 2``)."""
+        kernel = np.asarray(kernel, dtype=self.dtype)
+        size = kernel.shape[0] if kernel.ndim == 2 else 0
+        if kernel.shape != (size, size) or size % 2 == 0 or size > self.max_kernel_size:
+            raise ValueError(f"kernel must be square, odd and at most {self.max_kernel_size} "
+                             f"px, got shape {kernel.shape}")
+        prod = self.transform * _small_kernel_rfft2(kernel, self.shape)
+        c = size // 2
+        ny, nx = self.image_shape
+        out = scipy.fft.irfft2(prod, self.shape, workers=FFT_WORKERS)
+        return np.ascontiguousarray(out[c:c + ny, c:c + nx])
+
+
+def fft_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """2-D convolution with a small odd kernel, same shape, zero outside the image.
+
+    float32 input gives float32 output.  See :class:`FourierImage`.
+    """
+    kernel = np.asarray(kernel)
+    return FourierImage(image, kernel.shape[0]).convolve(kernel)
+
+
 def _filled(data, fill_mask) -> np.ndarray:
     data = np.asarray(data)
     out = np.array(data, dtype=np.float32 if data.dtype == np.float32 else np.float64)

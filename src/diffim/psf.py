@@ -240,3 +240,18 @@ class PsfModel:
         xs = np.linspace(0, self.width - 1, n)
         ys = np.linspace(0, self.height - 1, n)
         return max(self.fwhm(x, y) for x in xs for y in ys)
+
+    def padded(self, size: int) -> "PsfModel":
+        """The same model on a larger odd kernel size (zero-padded, centre kept).
+
+        The model is zero outside its original ``K x K`` support either way, so
+        padding changes nothing but the array size.
+        """
+        size = check_kernel_size(size)
+        pad = (size - self.kernel_size) // 2
+        if pad < 0:
+            raise ValueError(f"cannot pad a {self.kernel_size}-px PSF model to {size} px")
+        if pad == 0:
+            return self
+        return PsfModel(coeffs=np.pad(self.coeffs, ((0, 0), (pad, pad), (pad, pad))),
+                        order=self.order, width=self.width, height=self.height)

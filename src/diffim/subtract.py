@@ -62,6 +62,7 @@ from scipy import ndimage, signal
 from . import masks
 from .errors import InsufficientKernelSourcesError
 from .exposure import Exposure
+from .kernel import FourierImage, fft_convolve
 from .psf import FWHM_PER_SIGMA, PsfModel, n_poly_terms, poly_terms
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,10 @@ _DEBIAS_KEEP = 0.1
 def convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """2-D convolution, output of the same shape, zero outside the image.
 
-    Overlap-add FFT convolution (``scipy.signal.oaconvolve``), which is faster
-    than a single full-size FFT for a small kernel on a large image.  float32
-    input gives float32 output.
+    One full-size FFT (:func:`diffim.kernel.fft_convolve`); float32 input
+    gives float32 output.
     """
-    with sp_fft.set_workers(_FFT_WORKERS):
-        return signal.oaconvolve(image, kernel.astype(image.dtype, copy=False), mode="same")
+    return fft_convolve(image, kernel)
 
 
 def poly_field(coeffs: np.ndarray, order: int, shape: tuple[int, int], *,
@@ -243,11 +242,12 @@ class MatchingKernel:
         ny, nx = image.shape
         u = (2.0 * np.arange(nx) / max(self.width - 1, 1) - 1.0).astype(image.dtype)
         v = (2.0 * np.arange(ny) / max(self.height - 1, 1) - 1.0).astype(image.dtype)
-        out = convolve(image, self.images[0])
+        fim = FourierImage(image, self.size)  # one forward FFT for all spatial terms
+        out = fim.convolve(self.images[0])
         s = 1
         for deg in range(1, self.order + 1):
             for j in range(deg + 1):
-                term = convolve(image, self.images[s])
+                term = fim.convolve(self.images[s])
                 if deg - j:
                     term *= (u ** (deg - j))[None, :]
                 if j:
@@ -262,11 +262,21 @@ class MatchingKernel:
 # --------------------------------------------------------------------------
 
 def _bin(img: np.ndarray, f: int) -> np.ndarray:
-    """Sum of ``f x f`` blocks (image cropped to a multiple of ``f``)."""
+    """Sum of ``f x f`` blocks (image cropped to a multiple of ``f``; bool: OR).
+
+    Written as ``f^2`` strided additions, ~4x faster than a reshaped
+    ``sum(axis=(1, 3))`` on a 4k image.
+    """
     if f == 1:
         return img
     ny, nx = (img.shape[0] // f) * f, (img.shape[1] // f) * f
-    return img[:ny, :nx].reshape(ny // f, f, nx // f, f).sum(axis=(1, 3))
+    add = np.logical_or if img.dtype == bool else np.add
+    out = img[0:ny:f, 0:nx:f].copy()
+    for j in range(f):
+        for i in range(f):
+            if i or j:
+                add(out, img[j:ny:f, i:nx:f], out=out)
+    return out
 
 
 def _label_peaks(sig: np.ndarray, threshold: float):
@@ -290,7 +300,8 @@ def _label_peaks(sig: np.ndarray, threshold: float):
 def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
                              margin: int, min_snr: float = 20.0,
                              max_snr: float = 1.0e5, cell_size: int = 512,
-                             max_candidates: int = 150, detect_sigma: float = 5.0) -> np.ndarray:
+                             max_candidates: int = 150, detect_sigma: float = 5.0,
+                             bad: np.ndarray | None = None) -> np.ndarray:
     """Isolated, unmasked, well-measured point sources for the kernel fit.
 
     Sources are found on ``reference`` (normally the less noisy template) as
@@ -305,6 +316,8 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     image is divided into square cells of ``cell_size`` pixels (at least
     3 x 3) and the brightest candidates of each cell are taken, at most
     ``ceil(max_candidates / n_cells)`` per cell, so they spread over the field.
+    ``bad``, when given, replaces the unusable-pixel image computed from both
+    masks (:data:`diffim.masks.BAD_FOR_FIT`) and non-finite values.
 
     Returns
     -------
@@ -314,17 +327,18 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     from .detect import significance_image  # local import: detect imports nothing from here
 
     ny, nx = reference.shape
-    bad_any = masks.any_set(reference.mask, *masks.BAD_FOR_FIT) | masks.any_set(
-        other.mask, *masks.BAD_FOR_FIT)
-    bad_any |= ~np.isfinite(reference.image) | ~np.isfinite(other.image)
+    if bad is None:
+        bad_any = _unusable(reference, masks.BAD_FOR_FIT) | _unusable(other, masks.BAD_FOR_FIT)
+    else:
+        bad_any = bad
     f = 2 if min(ny, nx) >= 2048 else 1
     psf = reference.psf.at()
     if f > 1:
         psf = _bin(np.pad(psf, ((0, 1), (0, 1))), f)
         psf = np.pad(psf, ((0, 1), (0, 1))) if psf.shape[0] % 2 == 0 else psf
-    img = np.where(bad_any, 0.0, reference.image).astype(np.float32)
-    var = np.where(bad_any, 0.0, reference.variance).astype(np.float32)
-    sig = significance_image(_bin(img, f), _bin(var, f), psf, _bin(bad_any.view(np.uint8), f) > 0)
+    img = np.where(bad_any, np.float32(0), reference.image.astype(np.float32, copy=False))
+    var = np.where(bad_any, np.float32(0), reference.variance.astype(np.float32, copy=False))
+    sig = significance_image(_bin(img, f), _bin(var, f), psf, _bin(bad_any, f))
     peaks, pos, ext = _label_peaks(sig, detect_sigma)
     if len(peaks) == 0:
         return np.zeros((0, 2), dtype=int)
@@ -864,24 +878,26 @@ def _validate(science: Exposure, template: Exposure, mode: str):
         raise ValueError("both the science image and the template need a PSF model")
 
 
-def _prepare(exp: Exposure, bad_planes, psf: PsfModel) -> Exposure:
-    """Exposure whose unusable (masked or non-finite) pixels have image and variance 0."""
-    bad = masks.any_set(exp.mask, *bad_planes)
+def _unusable(exp: Exposure, planes) -> np.ndarray:
+    """Boolean image: a ``planes`` mask bit set, or a non-finite image or variance value."""
+    bad = (exp.mask & masks.bits(*planes)) != 0
     bad |= ~np.isfinite(exp.image)
     bad |= ~np.isfinite(exp.variance)
-    img = exp.image.copy()
-    var = exp.variance.copy()
-    img[bad] = 0.0
-    var[bad] = 0.0
-    return Exposure(image=img, variance=var, mask=exp.mask, psf=psf)
+    return bad
 
 
-def _fit_kernel(a: Exposure, b: Exposure, basis, *, spatial_order, background_order,
+def _prepare(exp: Exposure, bad: np.ndarray, psf: PsfModel) -> Exposure:
+    """Exposure whose unusable pixels (``bad``) have image and variance 0 (new arrays)."""
+    return Exposure(image=np.where(bad, np.float32(0), exp.image),
+                    variance=np.where(bad, np.float32(0), exp.variance), mask=exp.mask, psf=psf)
+
+
+def _fit_kernel(a: Exposure, b: Exposure, bad, basis, *, spatial_order, background_order,
                 n_sigma_clip, variance_factor, candidate_kw, fallback, psf_a, psf_b,
                 debias_noise=False):
     """Kernel from stars, or from the PSF models if stars are too few (and ``fallback``)."""
     hk = basis.shape[1] // 2
-    cand = select_kernel_candidates(b, a, half=hk, margin=hk, **candidate_kw)
+    cand = select_kernel_candidates(b, a, half=hk, margin=hk, bad=bad, **candidate_kw)
     try:
         fit = fit_matching_kernel(a, b, cand, basis, spatial_order=spatial_order,
                                   background_order=background_order, n_sigma_clip=n_sigma_clip,
@@ -1005,12 +1021,14 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         a_exp, b_exp, psf_a, psf_b = template, science, template.psf, science.psf
     else:
         a_exp, b_exp, psf_a, psf_b = science, template, science.psf, template.psf
-    a = _prepare(a_exp, _GROWN_PLANES, psf_a)
-    b = _prepare(b_exp, _GROWN_PLANES, psf_b)
+    bad_a, bad_b = _unusable(a_exp, _GROWN_PLANES), _unusable(b_exp, _GROWN_PLANES)
+    a = _prepare(a_exp, bad_a, psf_a)
+    b = _prepare(b_exp, bad_b, psf_b)
+    bad_a |= bad_b  # from here on: unusable in either image
     sa, sb = psf_a.fwhm() / FWHM_PER_SIGMA, psf_b.fwhm() / FWHM_PER_SIGMA
     basis = alard_lupton_basis(ksize, basis_sigmas(sa, sb, len(basis_degrees)), basis_degrees)
     var_factor = min(1.0, 1.0 / (4 * np.pi * max(sb**2 - sa**2, 0.25)))
-    fit, source = _fit_kernel(a, b, basis, spatial_order=kernel_spatial_order,
+    fit, source = _fit_kernel(a, b, bad_a, basis, spatial_order=kernel_spatial_order,
                               background_order=background_order, n_sigma_clip=n_sigma_clip,
                               variance_factor=var_factor,
                               candidate_kw=dict(min_snr=candidate_min_snr,

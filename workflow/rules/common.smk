@@ -20,6 +20,14 @@ REFCAT = os.path.join(OUT, "sim", "refcat.parquet") if SIMULATE else config["ref
 LOGS = os.path.join(OUT, "logs")
 BENCH = os.path.join(OUT, "benchmarks")
 
+# glibc: keep freed memory inside each job process instead of unmapping it.
+# The image stages allocate many short-lived 30-130 MB arrays, and touching
+# fresh pages cost ~2 ms per MB on the 2-core virtual machine measured here
+# (4k subtraction + detection: 6.1 s -> 4.9 s).  Jobs inherit this process's
+# environment (locally and through sbatch); a user's own setting wins.
+for _name, _value in (("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(2**36))):
+    os.environ.setdefault(_name, _value)
+
 
 wildcard_constraints:
     visit=r"\d+",
