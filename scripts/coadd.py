@@ -64,14 +64,24 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
     usable, excluded = usable_warps(warp_paths)
     keys = [k for k, _ in usable]
     paths = [p for _, p in usable]
+    variances = warp_variances(paths)
+    for key, v in zip(list(keys), variances):
+        if not (np.isfinite(v) and v > 0):  # e.g. only its EDGE strip falls in this patch
+            excluded[key] = "no usable pixel in this patch (all masked or edge)"
+    kept = [i for i, v in enumerate(variances) if np.isfinite(v) and v > 0]
+    keys, paths = [keys[i] for i in kept], [paths[i] for i in kept]
     if paths:
-        weights = visit_weights(warp_variances(paths))
+        weights = visit_weights([variances[i] for i in kept])
         reader = WarpRowReader(paths, shape)
         result = assemble_coadd(reader, len(paths), shape, weights, method=coadd_cfg["method"],
-                                clip_sigma=coadd_cfg["clip_sigma"])
+                                clip_sigma=coadd_cfg["clip_sigma"],
+                                clip_rel=coadd_cfg["clip_rel"])
         image, variance, mask = result.image, result.variance, result.mask
         extra = [fits.ImageHDU(result.n_inputs_image, name="NIMAGE"),
                  fits.ImageHDU(result.weight_sum.astype(np.float32), name="WEIGHTSUM")]
+        if result.clip_centre is not None:  # what leave-one-out templates need
+            extra += [fits.ImageHDU(result.clip_centre, name="CLIPCEN"),
+                      fits.ImageHDU(result.clip_centre_variance, name="CLIPCVAR")]
     else:
         weights = []
         image = np.full(shape, np.nan, np.float32)
@@ -83,7 +93,8 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
     psf = PsfModel.gaussian(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
                             width=shape[1], height=shape[0])
     meta = dict(BAND=band, PATCH=patch, BUNIT="nJy", NINPUTS=len(paths),
-                MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"])
+                MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"],
+                CLIPSIG=float(coadd_cfg["clip_sigma"]), CLIPREL=float(coadd_cfg["clip_rel"]))
     for i, ((v, d), w) in enumerate(zip(keys, weights)):
         meta[f"IN{i:05d}"] = f"{v},{d},{w:.10g}"
     write_exposure(out.coadd, Exposure(image=image, variance=variance, mask=mask, wcs=wcs,

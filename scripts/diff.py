@@ -33,10 +33,17 @@ def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, 
     row = inputs[(inputs["visit"] == visit) & (inputs["detector"] == detector) & inputs["included"]]
     if row.empty:
         return coadd, False
+    clip = {}
     with fits.open(coadd_path) as hdul:
         weight_sum = np.array(hdul["WEIGHTSUM"].data, dtype=np.float64)
+        if "CLIPCEN" in hdul:
+            clip = dict(clip_centre=np.asarray(hdul["CLIPCEN"].data, np.float32),
+                        clip_centre_variance=np.asarray(hdul["CLIPCVAR"].data, np.float32),
+                        clip_sigma=float(hdul[0].header["CLIPSIG"]),
+                        clip_rel=float(hdul[0].header.get("CLIPREL", 0.0)))
     warp = read_warp(own_warp, patch_shape)
-    return remove_own_contribution(coadd, weight_sum, warp, float(row["weight"].iloc[0])), True
+    return remove_own_contribution(coadd, weight_sum, warp, float(row["weight"].iloc[0]),
+                                   **clip), True
 
 
 def dia_table(sources, calexp, visit, detector):
@@ -86,7 +93,8 @@ def main(inp, out, params, wildcards, log=None):
     table = dia_table(sources, calexp, visit, detector)
     diff = result.difference
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
-    diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo)
+    diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo,
+                     MODELERR=float(result.model_error))
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
     template_hdu.header["BUNIT"] = "nJy"
@@ -97,6 +105,7 @@ def main(inp, out, params, wildcards, log=None):
                             "n_dia_sources": len(table), "mode": result.mode,
                             "kernel_sum": float(result.kernel_sum),
                             "noise_ratio": float(result.noise_ratio),
+                            "model_error": float(result.model_error),
                             "leave_one_out_patches": n_loo})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))
 

@@ -87,3 +87,27 @@ def test_variance_plane_gain_nan_and_validation():
         variance_plane(img, read_noise=-1.0, background=bkg)
     with pytest.raises(ValueError, match="gain"):
         variance_plane(img, read_noise=1.0, gain=0.0, background=bkg)
+
+
+def test_object_mask_removes_the_sky_bias_of_a_crowded_field():
+    """Star wings bias 128-px mesh medians upward; leaving out the object mask's
+    pixels removes most of that bias (measured: mean sky error 2.5 e- -> 0.1 e-,
+    largest 6.4 e- -> 0.5 e-; a mesh median's own noise is ~0.3 e-)."""
+    from diffim.background import object_mask, sep_background
+
+    rng = np.random.default_rng(4)
+    sky, shape = 1000.0, (512, 512)
+    truth = np.full(shape, sky)
+    truth[156:357, 156:357] += 3e7 * moffat_kernel(4.0, 201, beta=2.5)
+    k = moffat_kernel(4.0, 21, beta=2.5)
+    for x, y, f in zip(rng.integers(10, 502, 300), rng.integers(10, 502, 300),
+                       10 ** rng.uniform(3, 5, 300)):
+        truth[y - 10:y + 11, x - 10:x + 11] += f * k
+    image = rng.poisson(truth).astype(np.float32)
+    first = sep_background(image, None, box=128).back()
+    objects = object_mask(image - first, truth.astype(np.float32), 4.0)
+    assert objects[256, 256] and objects.mean() < 0.6
+    second = sep_background(image, objects.view(np.uint8), box=128).back()
+    assert np.mean(first - sky) > 1.5          # the bias to remove
+    assert abs(np.mean(second - sky)) < 0.5    # mesh-median noise ~0.3 e-
+    assert np.abs(second - sky).max() < 0.3 * np.abs(first - sky).max()

@@ -58,8 +58,11 @@ def test_pair_finds_transients_and_nothing_else(fwhm_sci, fwhm_ref, mode):
     found, is_transient = _matched(src, tx, ty)
     positive = src[is_transient & ~src["isNegative"].to_numpy()]
     assert found.all(), f"missed transients at S/N >= 10: {np.flatnonzero(~found)}"
-    # no static star leaves a 5-sigma residual: every DIASource is a transient
-    assert is_transient.all(), src[~is_transient][["x", "y", "psfFlux", "snr"]]
+    # no static star leaves a residual: every DIASource is a transient, except at most
+    # one pure-noise peak just above threshold (a 1k x 1k Gaussian noise field has
+    # ~0.4 matched-filter peaks beyond +-5 sigma)
+    others = src[~is_transient]
+    assert len(others) <= 1 and (others["snr"].abs() < 5.5).all(), others[["x", "y", "snr"]]
     # fluxes in science ADU: median ratio to truth within 3 % (PSF truncation at
     # 4.5 FWHM loses ~1 % of a beta = 2.5-3 Moffat; the median of 25 pulls ~1 %)
     ratio = np.median(_flux_ratios(positive, tx, ty, tflux))

@@ -30,8 +30,8 @@ def test_removing_one_input_equals_coadding_the_rest():
     full = _coadd(images, variances, mask, w)
     coadd = Exposure(image=full.image, variance=full.variance, mask=full.mask)
     own = Exposure(image=images[0], variance=variances[0], mask=mask[0])
-    # a huge clip threshold: this test is about the algebra, not outlier handling
-    loo = remove_own_contribution(coadd, full.weight_sum, own, w[0], clip_sigma=1e9)
+    # a plain mean (no clipping record): the visit entered every usable pixel
+    loo = remove_own_contribution(coadd, full.weight_sum, own, w[0])
     rest = _coadd(images[1:], variances[1:], mask[1:], w[1:] / w[1:].sum())
     # float32 arithmetic on values ~10: agreement to 1e-5 relative
     np.testing.assert_allclose(loo.image, rest.image, rtol=1e-5)
@@ -47,8 +47,44 @@ def test_pixels_only_the_visit_covered_become_no_data():
     full = _coadd(images, variances, mask, w)
     coadd = Exposure(image=full.image, variance=full.variance, mask=full.mask)
     own = Exposure(image=images[0], variance=variances[0], mask=mask[0])
-    loo = remove_own_contribution(coadd, full.weight_sum, own, w[0], clip_sigma=1e9)
+    loo = remove_own_contribution(coadd, full.weight_sum, own, w[0])
     assert np.all(np.isnan(loo.image[:10]))
     assert np.all(loo.mask[:10] & masks.bit("NO_DATA"))
     np.testing.assert_allclose(loo.image[10:], images[1][10:], rtol=1e-5)
 
+
+
+def test_leave_one_out_of_a_clipped_coadd_equals_coadding_the_rest():
+    """A variable source in the left-out visit, at amplitudes from below to far above
+    the clip threshold: whatever the coadd decided, removing the visit gives the
+    coadd of the others (which keeps all their pixels: their noise is 0.3x the
+    declared sigma, so nothing of theirs is clipped)."""
+    from diffim.template import remove_own_contribution
+
+    rng = np.random.default_rng(8)
+    n, shape = 6, (40, 60)
+    images = [(10.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32) for _ in range(n)]
+    variances = [np.ones(shape, np.float32) for _ in range(n)]
+    mask = [np.zeros(shape, np.int32) for _ in range(n)]
+    # visit 0 brightens by 0.5-30 sigma along the columns (a variable star's profile)
+    images[0] += np.linspace(0.5, 30.0, shape[1], dtype=np.float32)[None, :]
+    w = visit_weights(np.ones(n))
+
+    def coadd(idx):
+        def read(i, rows):
+            j = idx[i]
+            return images[j][rows], variances[j][rows], mask[j][rows]
+        return assemble_coadd(read, len(idx), shape, w[idx] / w[idx].sum(), method="meanclip",
+                              clip_sigma=3.0)
+
+    full = coadd(list(range(n)))
+    assert full.n_clipped.any() and not full.n_clipped.all()  # both regimes present
+    loo = remove_own_contribution(
+        Exposure(image=full.image, variance=full.variance, mask=full.mask), full.weight_sum,
+        Exposure(image=images[0], variance=variances[0], mask=mask[0]), w[0] / w.sum(),
+        clip_centre=full.clip_centre, clip_centre_variance=full.clip_centre_variance,
+        clip_sigma=3.0)
+    rest = coadd(list(range(1, n)))
+    assert rest.n_clipped.max() == 0
+    # float32 sums of values ~10-40: 1e-5 relative
+    np.testing.assert_allclose(loo.image, rest.image, rtol=1e-5)

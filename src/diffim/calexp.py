@@ -17,7 +17,7 @@ from astropy.wcs import WCS
 
 from . import masks
 from .astrometry import fit_wcs
-from .background import sep_background, variance_plane
+from .background import object_mask, sep_background, variance_plane
 from .defects import add_column_and_cosmic_ray_defects, find_bleed_trails, find_saturated
 from .errors import CalibrationError, InputError, NoUsableStarsError
 from .exposure import Exposure
@@ -157,6 +157,16 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
     variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
     sub = raw - bkg  # float32
     fwhm0 = _first_fwhm(sub, variance, mask, config, path)
+    # second pass: the sky again with the sources and their wings left out
+    objects = object_mask(sub, variance, fwhm0)
+    if objects.mean() < MAX_OBJECT_FRACTION:
+        bkg = sep_background(raw, np.where(objects, masks.bit("DETECTED"), mask),
+                             box=config.background_box).back(dtype=np.float32)
+        variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
+        sub = raw - bkg
+    else:  # too crowded for a sky between the sources: keep the first pass
+        logger.warning("%s: sources cover %.0f%% of the image; sky from the first pass only",
+                       path, 100 * objects.mean())
     # SAT is already set (from `raw`, as find_defects would): add BAD and CR
     add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
     sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
@@ -249,6 +259,9 @@ def _psf_stars(sources, sub, mask, config, saturation):
     return stars
 
 
+#: Largest fraction of the image that the sources may cover for the second,
+#: source-masked background pass (above it the sky meshes would be empty).
+MAX_OBJECT_FRACTION = 0.6
 #: Side (px) of the central cut-out used for the first seeing estimate.
 FIRST_FWHM_BOX = 1536
 #: Stamp size (px) of that estimate when the PSF-model size is not fixed yet.

@@ -33,7 +33,7 @@ from .masks import MASK_DTYPE, bit, bits
 logger = logging.getLogger(__name__)
 
 #: Input pixels carrying any of these bits are left out of the coadd (per pixel).
-DEFAULT_BAD_MASK_BITS = bits("NO_DATA", "BAD", "SAT", "CR")
+DEFAULT_BAD_MASK_BITS = bits("NO_DATA", "BAD", "SAT", "CR", "EDGE")
 
 #: Default memory budget for the per-block working set of :func:`assemble_coadd`.
 DEFAULT_MAX_BLOCK_BYTES = 512 * 1024**2
@@ -261,6 +261,12 @@ class CoaddResult:
     weight_sum : ndarray (ny, nx) float32
         Sum of the (given) weights of the inputs averaged in each pixel; with it
         one input's contribution can be removed again (leave-one-out templates).
+    clip_centre, clip_centre_variance : ndarray (ny, nx) float32 or None
+        ``"meanclip"`` only: the centre and its variance that the *last*
+        clipping pass tested every input against.  With them (and the clip
+        parameters in ``meta``) a leave-one-out template knows exactly whether
+        an input pixel entered the coadd
+        (:func:`diffim.template.remove_own_contribution`).
     input_pixels_used, input_pixels_clipped : ndarray (n_inputs,) int64
         Per input: pixels that entered the coadd / were rejected as outliers.
     method : str
@@ -279,6 +285,8 @@ class CoaddResult:
     method: str
     block_rows: int
     meta: dict = field(default_factory=dict)
+    clip_centre: np.ndarray | None = None
+    clip_centre_variance: np.ndarray | None = None
 
 
 def choose_block_rows(width: int, n_inputs: int, *, max_block_bytes: int,
@@ -400,8 +408,9 @@ def _clip(img, var, centre, centre_var, clip_sigma, clip_rel):
 def _combine_chunk(img, var, msk, w32, w2_32, opts: dict):
     """Combine one chunk of pixels; ``img, var, msk`` are (n, P) views of the block.
 
-    Returns ``(value, variance, mask, n_used, n_clipped, used_per_input,
-    clipped_per_input)``.  ``img`` is modified in place (invalid -> NaN).
+    Returns ``(value, variance, mask, n_used, n_clipped, weight_sum,
+    clip_centre, clip_centre_variance, used_per_input, clipped_per_input)``.
+    ``img`` is modified in place (invalid -> NaN).
     """
     method = opts["method"]
     valid = _valid_inputs(img, var, msk, opts["bad_mask_bits"])
@@ -409,6 +418,7 @@ def _combine_chunk(img, var, msk, w32, w2_32, opts: dict):
     centre = _median_of_valid(img, n_valid)
     centre_var = _median_variance(var, valid, n_valid)
     keep = valid
+    clip_c, clip_cv = centre, centre_var
     if method == "median":
         value, value_var = centre, centre_var
     else:
@@ -416,6 +426,7 @@ def _combine_chunk(img, var, msk, w32, w2_32, opts: dict):
         if n_pass == 0:
             value, value_var, _ = _weighted_mean(img, var, keep, w32, w2_32)
         for _ in range(n_pass):
+            clip_c, clip_cv = centre, centre_var
             keep = _clip(img, var, centre, centre_var, opts["clip_sigma"], opts["clip_rel"])
             value, value_var, wsum = _weighted_mean(img, var, keep, w32, w2_32)
             lost = np.flatnonzero((wsum <= 0) & (n_valid > 0))
@@ -436,7 +447,7 @@ def _combine_chunk(img, var, msk, w32, w2_32, opts: dict):
     per_input_clipped = valid.sum(axis=1, dtype=np.int64) - per_input_used
     weight_sum = (opts["weights"] @ keep).astype(np.float32)
     return (value, value_var, mask, n_used, (n_valid - n_used).astype(np.int16), weight_sum,
-            per_input_used, per_input_clipped)
+            clip_c, clip_cv, per_input_used, per_input_clipped)
 
 
 def _check_assemble_args(n_inputs, shape, weights, method, clip_sigma, clip_iter):
@@ -526,6 +537,10 @@ def assemble_coadd(read_block: ReadBlock, n_inputs: int, shape: tuple[int, int],
                       method=method, block_rows=rows,
                       meta={"clip_sigma": clip_sigma, "clip_iter": clip_iter,
                             "clip_rel": clip_rel})
+    clipping = method == "meanclip" and int(clip_iter) > 0
+    if clipping:
+        out.clip_centre = np.empty((ny, nx), np.float32)
+        out.clip_centre_variance = np.empty((ny, nx), np.float32)
     buffers = (np.empty((n_inputs, rows, nx), np.float32),
                np.empty((n_inputs, rows, nx), np.float32),
                np.empty((n_inputs, rows, nx), MASK_DTYPE))
@@ -545,15 +560,17 @@ def assemble_coadd(read_block: ReadBlock, n_inputs: int, shape: tuple[int, int],
         views = tuple(b[:, : y1 - y0] for b in buffers)
         _read_stack(read_block, n_inputs, slice(y0, y1), views)
         flat = tuple(v.reshape(n_inputs, -1) for v in views)
-        outs = (out.image[y0:y1].reshape(-1), out.variance[y0:y1].reshape(-1),
-                out.mask[y0:y1].reshape(-1), out.n_inputs_image[y0:y1].reshape(-1),
-                out.n_clipped[y0:y1].reshape(-1), out.weight_sum[y0:y1].reshape(-1))
+        planes = [out.image, out.variance, out.mask, out.n_inputs_image, out.n_clipped,
+                  out.weight_sum]
+        if clipping:
+            planes += [out.clip_centre, out.clip_centre_variance]
+        outs = tuple(p[y0:y1].reshape(-1) for p in planes)
         npix = flat[0].shape[1]
         for c0 in range(0, npix, chunk):
             c1 = min(npix, c0 + chunk)
             res = _combine_chunk(*(a[:, c0:c1] for a in flat), w32, w2_32, opts)
-            for dest, plane in zip(outs, res[:6]):
+            for dest, plane in zip(outs, res[:8]):
                 dest[c0:c1] = plane
-            out.input_pixels_used += res[6]
-            out.input_pixels_clipped += res[7]
+            out.input_pixels_used += res[8]
+            out.input_pixels_clipped += res[9]
     return out

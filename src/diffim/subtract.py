@@ -804,6 +804,9 @@ class SubtractionResult:
     decorrelation_kernel : ndarray or None
     noise_ratio : float
         Robust std (1.4826 MAD) of ``diff / sqrt(variance)`` over unmasked pixels.
+    model_error : float
+        Fractional model error ``eps`` at stars (:func:`model_error_fraction`);
+        ``eps^2 S^2`` is included in the variance plane.
     fwhm_science, fwhm_template : float
         Adaptive-moment FWHM (pixels) of the PSF models at the centre.
     """
@@ -822,6 +825,7 @@ class SubtractionResult:
     background_order: int
     decorrelation_kernel: np.ndarray | None
     noise_ratio: float
+    model_error: float
     fwhm_science: float
     fwhm_template: float
     timings: dict = field(default_factory=dict)
@@ -838,7 +842,8 @@ class SubtractionResult:
                 "n_candidates": self.n_candidates, "n_used": self.n_used,
                 "chi2_mean": self.chi2_mean, "chi2_std": self.chi2_std,
                 "background": [float(b) for b in self.background],
-                "noise_ratio": self.noise_ratio, "fwhm_science": self.fwhm_science,
+                "noise_ratio": self.noise_ratio, "model_error": self.model_error,
+                "fwhm_science": self.fwhm_science,
                 "fwhm_template": self.fwhm_template}
 
 
@@ -958,8 +963,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                     decorrelate: bool = True, n_sigma_clip: float = 3.0,
                     kernel_size: int | None = None, basis_degrees=(4, 2, 2, 2),
                     fallback: bool = True, candidate_min_snr: float = 20.0,
-                    candidate_cell_size: int = 512, max_candidates: int = 150
-                    ) -> SubtractionResult:
+                    candidate_cell_size: int = 512, max_candidates: int = 150,
+                    model_error: bool = True) -> SubtractionResult:
     """PSF-match and subtract a template from a science exposure.
 
     Parameters
@@ -994,6 +999,9 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         ``kernel_source = "psf_models"``) instead of raising.
     candidate_min_snr, candidate_cell_size, max_candidates
         Kernel-candidate selection (see :func:`select_kernel_candidates`).
+    model_error : bool
+        Add the measured model-error term ``eps^2 S^2`` to the variance plane
+        (:func:`model_error_fraction`); ``eps`` is measured and reported either way.
 
     Returns
     -------
@@ -1038,7 +1046,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                               debias_noise=mode == "convolve_science")
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    diff, var, mask, phi, background = _apply(a, b, fit, mode, hk, science, template, decorrelate)
+    diff, var, mask, phi, background, eps2 = _apply(a, b, fit, mode, hk, science, template,
+                                                    decorrelate, model_error)
     timings["convolution"] = time.perf_counter() - t1
     psf_diff = difference_psf(science.psf, fit.kernel, phi, mode, width=science.shape[1],
                               height=science.shape[0])
@@ -1052,20 +1061,22 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     ratio = _noise_ratio(out)
     timings["total"] = time.perf_counter() - t0
     logger.info("subtraction: mode=%s kernel=%s sum=%.4f+-%.4f stamps %d/%d chi2=%.2f "
-                "noise_ratio=%.3f", mode, source, ksum, ksum_std, fit.n_used, fit.n_candidates,
-                float(np.mean(chi2)) if chi2.size else float("nan"), ratio)
+                "noise_ratio=%.3f model_error=%.4f", mode, source, ksum, ksum_std, fit.n_used,
+                fit.n_candidates, float(np.mean(chi2)) if chi2.size else float("nan"), ratio,
+                float(np.sqrt(eps2)))
     return SubtractionResult(
         difference=out, mode=mode, kernel_source=source, kernel=fit.kernel, kernel_sum=ksum,
         kernel_sum_std=ksum_std, n_candidates=fit.n_candidates, n_used=fit.n_used,
         chi2_mean=float(np.mean(chi2)) if chi2.size else float("nan"),
         chi2_std=float(np.std(chi2)) if chi2.size else float("nan"),
         background=background, background_order=fit.background_order,
-        decorrelation_kernel=phi, noise_ratio=ratio, fwhm_science=fs, fwhm_template=ft,
+        decorrelation_kernel=phi, noise_ratio=ratio, model_error=float(np.sqrt(eps2)),
+        fwhm_science=fs, fwhm_template=ft,
         timings=timings)
 
 
 def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
-           science: Exposure, template: Exposure, decorrelate: bool):
+           science: Exposure, template: Exposure, decorrelate: bool, model_error: bool):
     """Convolve, subtract, decorrelate; returns image, variance, mask, phi."""
     shape = a.shape
     kern = fit.kernel
@@ -1077,7 +1088,6 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     k2_field = (ksum / float(kc.sum())) ** 2
     var_a = convolve(a.variance, kc**2) * k2_field
     resid = b.image - conv
-    del conv
     hg = min(hk, footprint_radius(kc) + 1)
     mask = _difference_mask(science, template, a.mask, hg)
     nan_pix = masks.any_set(mask, *_NAN_PLANES)
@@ -1119,11 +1129,48 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         var = var_b + var_a
     if norm2 is not None:
         var = var / norm2
+    # the matched image of the static scene, in the difference's scale
+    scene = conv if mode == "convolve_template" else conv / ksum
+    del conv
+    eps2 = model_error_fraction(diff, var, scene, fit.used_xy, hk, zero_pix)
+    if model_error and eps2 > 0:
+        var = var + np.float32(eps2) * np.maximum(scene, 0) ** 2
+    del scene
     diff = diff.astype(np.float32)
     var = var.astype(np.float32)
     diff[nan_pix] = np.nan
     var[nan_pix] = np.nan
-    return diff, var, mask, phi, background
+    return diff, var, mask, phi, background, eps2
+
+
+def model_error_fraction(diff: np.ndarray, var: np.ndarray, scene: np.ndarray, xy, half: int,
+                         bad: np.ndarray) -> float:
+    """Squared fractional model error ``eps^2`` of the subtraction at stars.
+
+    No kernel matches every star perfectly (PSF variation faster than the
+    kernel's, pixelization, the PSF models' cut-off): a static star leaves a
+    residual roughly proportional to its own profile.  Measured on the kernel
+    stars as the median over stamps of ``(sum D^2 - sum V) / sum S^2`` (``D``
+    the difference, ``V`` its variance, ``S`` the matched image of the static
+    scene, all over the ``(2 half + 1)^2`` stamp, unusable pixels left out)
+    and clipped at 0.  The caller adds ``eps^2 S^2`` to the variance, as ZOGY
+    adds its astrometric and flux-scale noise terms, so that bright stars'
+    residuals are not significant; a transient on a star of the same flux
+    needs ``eps`` of that star's flux more to be detected.
+    """
+    ny, nx = diff.shape
+    vals = []
+    for x, y in np.asarray(xy, int).reshape(-1, 2):
+        sl = (slice(max(y - half, 0), min(y + half + 1, ny)),
+              slice(max(x - half, 0), min(x + half + 1, nx)))
+        good = ~bad[sl]
+        s2 = float((scene[sl][good].astype(np.float64) ** 2).sum())
+        if s2 > 0:
+            d2 = float((diff[sl][good].astype(np.float64) ** 2).sum())
+            vals.append((d2 - float(var[sl][good].sum())) / s2)
+    if len(vals) < 5:
+        return 0.0
+    return max(float(np.median(vals)), 0.0)
 
 
 def residual_background(resid: np.ndarray, good: np.ndarray, order: int, *, box: int = 64,

@@ -15,9 +15,17 @@ fraction of its flux and the template noise is correlated with the visit's.
     T' = (S T - w_v W_v) / (S - w_v)
     V' = (S^2 V - w_v^2 V_v) / (S - w_v)^2
 
-with ``W_v, V_v`` the visit's own warp.  Pixels where the visit was clipped as
-an outlier did not contribute; they are detected as ``|W_v - T|`` beyond the
-clip threshold and left unchanged.
+with ``W_v, V_v`` the visit's own warp.  Only pixels where the visit actually
+entered the coadd are changed.  A sigma-clipped coadd stores the centre
+``C`` and its variance ``V_C`` that its last clipping pass tested every input
+against (``CLIPCEN``, ``CLIPCVAR``); the visit entered a pixel exactly when
+``(W_v - C)^2 <= s^2 (V_v + V_C) + (r C)^2`` (``s, r`` the coadd's
+``clip_sigma``, ``clip_rel``), the coadd's own rule.  (Inferring it instead
+from ``|W_v - T|`` against the final coadd ``T`` disagreed with the coadd at
+the cores of variable stars and left a non-PSF-shaped remnant of the visit's
+own flux in its template: -23 % flux bias, pull width 8.7 on the default run.)
+Without a clipping record (a plain mean) the visit entered every pixel where
+its warp is usable.
 """
 
 from __future__ import annotations
@@ -25,13 +33,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import masks
+from .coadd import DEFAULT_BAD_MASK_BITS
 from .exposure import Exposure
 from .psf import PsfModel
 from .warp import warp_exposure
 
 
 def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: Exposure,
-                            weight: float, *, clip_sigma: float = 3.0) -> Exposure:
+                            weight: float, *, clip_centre: np.ndarray | None = None,
+                            clip_centre_variance: np.ndarray | None = None,
+                            clip_sigma: float = 3.0, clip_rel: float = 0.0,
+                            bad_mask_bits: int = DEFAULT_BAD_MASK_BITS) -> Exposure:
     """The coadd without one input (see module docstring).
 
     Parameters
@@ -44,6 +56,14 @@ def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: E
         The visit's warp on the same patch grid (full patch shape).
     weight : float
         The visit's weight in the coadd.
+    clip_centre, clip_centre_variance : ndarray, optional
+        The sigma-clipped coadd's last clipping centre and its variance
+        (:attr:`diffim.coadd.CoaddResult.clip_centre`); None for an unclipped coadd.
+    clip_sigma, clip_rel : float
+        The coadd's clipping parameters.
+    bad_mask_bits : int
+        The mask bits that kept an input pixel out of the coadd
+        (:func:`diffim.coadd.assemble_coadd`'s ``bad_mask_bits``).
 
     Returns
     -------
@@ -52,11 +72,15 @@ def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: E
         become NO_DATA (NaN).
     """
     out = coadd.copy()
-    bad = masks.bits(*masks.BAD_FOR_FIT)
-    usable = (np.isfinite(own_warp.image) & ((own_warp.mask & bad) == 0)
-              & np.isfinite(coadd.image) & (weight_sum > 0))
-    resid = np.abs(own_warp.image - coadd.image)
-    usable &= resid <= clip_sigma * np.sqrt(np.maximum(own_warp.variance + coadd.variance, 0))
+    var_v = own_warp.variance
+    usable = (np.isfinite(own_warp.image) & ((own_warp.mask & bad_mask_bits) == 0) & (var_v > 0)
+              & (var_v < np.inf) & np.isfinite(coadd.image) & (weight_sum > 0))
+    if (clip_centre is None) != (clip_centre_variance is None):
+        raise ValueError("give both clip_centre and clip_centre_variance, or neither")
+    if clip_centre is not None:
+        dev2 = (own_warp.image - clip_centre) ** 2
+        thr = clip_sigma**2 * (var_v + clip_centre_variance) + (clip_rel * clip_centre) ** 2
+        usable &= dev2 <= thr   # the coadd's own test (NaN compares False)
     rest = weight_sum - weight
     alone = usable & (rest <= 1e-6 * weight)
     ok = usable & ~alone
