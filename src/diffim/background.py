@@ -180,16 +180,17 @@ def variance_plane(image_e: np.ndarray, *, read_noise: float, gain: float = 1.0,
 
 def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
                 nsigma: float = 5.0, grow_fwhm: float = 2.0, bright_nsigma: float = 1000.0,
-                bright_grow_fwhm: float = 5.0) -> np.ndarray:
+                bright_grow_fwhm: float = 5.0, bin_factor: int | None = None) -> np.ndarray:
     """Pixels of sources and their wings, to leave out of a background estimate.
 
     Sources are where the PSF-matched significance (Gaussian of ``fwhm``) of
     the background-subtracted image exceeds ``nsigma``; that region is grown
     by ``grow_fwhm`` FWHM, and the region above ``bright_nsigma`` by
     ``bright_grow_fwhm`` FWHM (a bright star's wings bias a mesh median far
-    beyond its core: without this the calexp sky was over-subtracted around
-    stars of magnitude ~17-18, leaving negative halos that differ from visit
-    to visit with the seeing).
+    beyond its core).  The mask only has to be as fine as the background
+    meshes, so it is computed on ``bin_factor x bin_factor`` binned pixels
+    (default 4 for images of 2048 pixels or more, 2 from 512: 0.1 s instead
+    of 1.7 s at 4k) and expanded back.
 
     Parameters
     ----------
@@ -204,21 +205,27 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
     """
     from scipy import ndimage
 
-    from .kernel import fft_convolve
+    from .kernel import bin_sum, fft_convolve
     from .psf import gaussian_kernel
 
-    size = 2 * int(np.ceil(1.5 * fwhm)) + 1
-    g = gaussian_kernel(fwhm, max(size, 5)).astype(np.float32)
+    ny, nx = image_bkgsub.shape
+    f = bin_factor or (4 if min(ny, nx) >= 2048 else 2 if min(ny, nx) >= 512 else 1)
     data = np.where(np.isfinite(image_bkgsub), image_bkgsub, 0).astype(np.float32)
     var = np.where(np.isfinite(variance) & (variance > 0), variance, 0).astype(np.float32)
+    data, var = bin_sum(data, f), bin_sum(var, f)
+    fb = max(fwhm / f, 1.0)
+    g = gaussian_kernel(fb, max(2 * int(np.ceil(1.5 * fb)) + 1, 5)).astype(np.float32)
     num = fft_convolve(data, g)
     den = fft_convolve(var, g * g)
     sig = np.divide(num, np.sqrt(np.maximum(den, 0)), out=np.zeros_like(num), where=den > 0)
     out = np.zeros(sig.shape, bool)
     for level, grow in ((nsigma, grow_fwhm), (bright_nsigma, bright_grow_fwhm)):
         seed = (sig > level).view(np.uint8)
-        half = int(np.ceil(grow * fwhm))
+        half = int(np.ceil(grow * fwhm / f))
         if seed.any():
             grown = ndimage.maximum_filter1d(seed, 2 * half + 1, axis=0)
             out |= ndimage.maximum_filter1d(grown, 2 * half + 1, axis=1).astype(bool)
+    if f > 1:  # back to full resolution; rows/columns cut by the binning copy their neighbour
+        out = np.repeat(np.repeat(out, f, axis=0), f, axis=1)
+        out = np.pad(out, ((0, ny - out.shape[0]), (0, nx - out.shape[1])), mode="edge")
     return out

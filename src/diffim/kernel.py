@@ -437,6 +437,24 @@ class FourierImage:
         return np.ascontiguousarray(out[c:c + ny, c:c + nx])
 
 
+def bin_sum(img: np.ndarray, f: int) -> np.ndarray:
+    """Sum of ``f x f`` blocks (image cropped to a multiple of ``f``; bool: OR).
+
+    Written as ``f^2`` strided additions, ~4x faster than a reshaped
+    ``sum(axis=(1, 3))`` on a 4k image.
+    """
+    if f == 1:
+        return img
+    ny, nx = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+    add = np.logical_or if img.dtype == bool else np.add
+    out = img[0:ny:f, 0:nx:f].copy()
+    for j in range(f):
+        for i in range(f):
+            if i or j:
+                add(out, img[j:ny:f, i:nx:f], out=out)
+    return out
+
+
 def fft_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """2-D convolution with a small odd kernel, same shape, zero outside the image.
 
