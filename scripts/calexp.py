@@ -5,7 +5,6 @@ record with ``status: failed`` and the reason, a calexp FITS holding only a
 header that says so, and an empty source table; downstream rules skip it.
 """
 
-import logging
 import traceback
 
 import pandas as pd

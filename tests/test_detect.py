@@ -8,7 +8,6 @@ sky gradient; hundreds of static stars; transients with known flux).
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 

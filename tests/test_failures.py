@@ -1,7 +1,6 @@
 """Bad input never stops the workflow: each bad file gets a visit_status row with
 a reason a person understands, and every good visit is processed."""
 
-import shutil
 
 import numpy as np
 import pandas as pd

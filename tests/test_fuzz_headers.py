@@ -7,7 +7,6 @@ names the file.
 
 import warnings
 
-import numpy as np
 import pytest
 from astropy.io import fits
 from hypothesis import HealthCheck, given, settings

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from conftest import ROOT, SNAKEMAKE, run_snakemake, tiny_config
+from conftest import ROOT, SNAKEMAKE, run_snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from scipy import fft
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

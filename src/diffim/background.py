@@ -203,9 +203,7 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
     -------
     ndarray of bool (ny, nx)
     """
-    from scipy import ndimage
-
-    from .kernel import bin_sum, fft_convolve
+    from .kernel import bin_sum, dilate, fft_convolve
     from .psf import gaussian_kernel
 
     ny, nx = image_bkgsub.shape
@@ -220,11 +218,7 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
     sig = np.divide(num, np.sqrt(np.maximum(den, 0)), out=np.zeros_like(num), where=den > 0)
     out = np.zeros(sig.shape, bool)
     for level, grow in ((nsigma, grow_fwhm), (bright_nsigma, bright_grow_fwhm)):
-        seed = (sig > level).view(np.uint8)
-        half = int(np.ceil(grow * fwhm / f))
-        if seed.any():
-            grown = ndimage.maximum_filter1d(seed, 2 * half + 1, axis=0)
-            out |= ndimage.maximum_filter1d(grown, 2 * half + 1, axis=1).astype(bool)
+        out |= dilate(sig > level, int(np.ceil(grow * fwhm / f)))
     if f > 1:  # back to full resolution; rows/columns cut by the binning copy their neighbour
         out = np.repeat(np.repeat(out, f, axis=0), f, axis=1)
         out = np.pad(out, ((0, ny - out.shape[0]), (0, nx - out.shape[1])), mode="edge")

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import fft as sp_fft
-from scipy import ndimage, optimize, signal
+from scipy import ndimage, optimize
 
 from . import masks
 from .exposure import Exposure

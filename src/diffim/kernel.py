@@ -47,6 +47,7 @@ import logging
 
 import numpy as np
 import scipy.fft
+from scipy import ndimage
 
 from .masks import MASK_DTYPE, bit, bits
 from .psf import PsfModel, check_kernel_size, moments_fwhm, n_poly_terms, poly_terms
@@ -561,6 +562,20 @@ def kernel_footprint_halfwidth(kernel_model: PsfModel, *, threshold: float = 0.0
         if iy.size:
             radius = max(radius, int(np.abs(iy - c).max()), int(np.abs(ix - c).max()))
     return radius
+
+
+def dilate(flag: np.ndarray, half: int) -> np.ndarray:
+    """Dilate a boolean image by a square of half-width ``half`` (pixels).
+
+    Two 1-D maximum filters (``scipy.ndimage``, cost independent of ``half``);
+    outside the image counts as False.  For bit masks with edge handling see
+    :func:`grow_mask`.
+    """
+    flag = np.asarray(flag, dtype=bool)
+    if half <= 0 or not flag.any():
+        return flag
+    g = ndimage.maximum_filter1d(flag.view(np.uint8), 2 * half + 1, axis=0, mode="constant")
+    return ndimage.maximum_filter1d(g, 2 * half + 1, axis=1, mode="constant").astype(bool)
 
 
 def grow_mask(mask, halfwidth: int) -> np.ndarray:

@@ -62,7 +62,7 @@ from scipy import ndimage, signal
 from . import masks
 from .errors import InsufficientKernelSourcesError
 from .exposure import Exposure
-from .kernel import FourierImage, bin_sum, fft_convolve
+from .kernel import FourierImage, bin_sum, dilate, fft_convolve
 from .psf import FWHM_PER_SIGMA, PsfModel, n_poly_terms, poly_terms
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,6 @@ def _robust_std(values: np.ndarray) -> float:
     if values.size == 0:
         return float("nan")
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
-
-
-def _grow(flag: np.ndarray, half: int) -> np.ndarray:
-    """Dilate a boolean image by a square of half-width ``half`` (separable max filter)."""
-    if half <= 0 or not flag.any():
-        return flag
-    g = ndimage.maximum_filter1d(flag.view(np.uint8), 2 * half + 1, axis=0)
-    return ndimage.maximum_filter1d(g, 2 * half + 1, axis=1).astype(bool)
 
 
 # --------------------------------------------------------------------------
@@ -932,7 +924,7 @@ def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, 
     for name in _GROWN_PLANES:
         flag = masks.any_set(a_mask, name)
         if flag.any():
-            mask |= np.where(_grow(flag, hk), masks.bit(name), 0).astype(mask.dtype)
+            mask |= np.where(dilate(flag, hk), masks.bit(name), 0).astype(mask.dtype)
     ny, nx = mask.shape
     border = np.zeros(mask.shape, dtype=bool)
     border[:hk], border[ny - hk:], border[:, :hk], border[:, nx - hk:] = True, True, True, True
