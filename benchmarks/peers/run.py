@@ -208,7 +208,7 @@ def catalogue_table(results: dict) -> str:
 
 def write_markdown(path: Path, doc: dict) -> str:
     m, v = doc["machine"], doc["versions"]
-    txt = [f"# Peer benchmark results", "",
+    txt = ["# Peer benchmark results", "",
            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM.  ",
            f"Full command: `bash benchmarks/peers/run.sh`; last command: `{doc['command']}` "
            f"({doc['updated']}; it replaced only the rows it ran).  ",

@@ -76,7 +76,6 @@ _DROPPED_PLANES = ("DETECTED", "DETECTED_NEGATIVE")
 _GROWN_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "NO_TEMPLATE")
 _NAN_PLANES = ("NO_DATA", "NO_TEMPLATE")
 _ZERO_PLANES = ("BAD", "SAT", "CR")
-_FFT_WORKERS = 2
 #: Fraction of the noise term kept in the de-biased kernel normal equations
 #: (:func:`_noise_bias`).  Removing all of it leaves the frequencies where the
 #: convolved image has no signal undetermined (kernel sum of squares 0.16
@@ -90,15 +89,6 @@ _DEBIAS_KEEP = 0.1
 # --------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------
-
-def convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """2-D convolution, output of the same shape, zero outside the image.
-
-    One full-size FFT (:func:`diffim.kernel.fft_convolve`); float32 input
-    gives float32 output.
-    """
-    return fft_convolve(image, kernel)
-
 
 def poly_field(coeffs: np.ndarray, order: int, shape: tuple[int, int], *,
                width: int | None = None, height: int | None = None,
@@ -1060,7 +1050,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     # local sum(k^2) relative to the centre (kernel sum^2 scales it to first order)
     ksum = kern.sum_field(shape)
     k2_field = (ksum / float(kc.sum())) ** 2
-    var_a = convolve(a.variance, kc**2) * k2_field
+    var_a = fft_convolve(a.variance, kc**2) * k2_field
     resid = b.image - conv
     hg = min(hk, footprint_radius(kc) + 1)
     mask = _difference_mask(science, template, a.mask, hg)
@@ -1093,7 +1083,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         sig_a = float(np.median(a.variance[good]))
         sig_b = float(np.median(var_b[good]))
         phi = decorrelation_kernel(kc, sig_a, sig_b, 2 * hk + 1)
-        diff = convolve(diff, phi)
+        diff = fft_convolve(diff, phi)
         diff[zero_pix] = 0.0
         # local propagation for slowly varying variances (exact for white noise):
         # var = sum(phi^2) var_B + sum((phi (x) k)^2) / sum(k^2) * (k^2 (x) var_A)
