@@ -8,8 +8,9 @@ from scipy.signal import convolve2d
 
 from diffim.exposure import Exposure
 from diffim.kernel import (can_match, convolve_spatially_varying, convolve_variance,
-                           fit_kernel_polynomial, grow_mask, kernel_footprint_halfwidth,
-                           match_exposure, matching_kernel, matching_kernel_model, or_window)
+                           fit_kernel_polynomial, grow_mask, inpaint, kernel_envelope,
+                           kernel_footprint_halfwidth, match_exposure, matching_kernel,
+                           matching_kernel_model, or_window, spread_by_influence)
 from diffim.masks import MASK_DTYPE, bit
 from diffim.psf import (FWHM_PER_SIGMA, PsfModel, gaussian_kernel, moffat_kernel,
                         moments_fwhm, poly_terms)
@@ -240,3 +241,74 @@ def test_fourier_image_matches_convolve2d_for_several_kernels():
     np.testing.assert_allclose(out32, convolve2d(image, np.ones((5, 5)), mode="same"), atol=1e-4)
     with pytest.raises(ValueError, match="at most 9"):
         fim.convolve(np.ones((11, 11)))
+
+
+def test_inpaint_reproduces_smooth_field_and_keeps_good_pixels():
+    # normalized convolution: exact for a constant, and for a plane where the
+    # good neighbours are symmetric about the bad pixel
+    yy, xx = np.mgrid[:60, :80].astype(float)
+    plane = 100.0 + 0.5 * xx - 0.25 * yy
+    bad = np.zeros(plane.shape, bool)
+    bad[30, 10:70] = True          # a bad row
+    bad[10:13, 40:42] = True       # a small blob
+    image = plane.copy()
+    image[bad] = 1e6               # garbage under the mask
+    image[5, 5] = np.nan           # NaN counts as bad
+    out = inpaint(image, bad)
+    np.testing.assert_array_equal(out[~bad & np.isfinite(image)], plane[~bad & np.isfinite(image)])
+    # a bad row has good pixels symmetric about it: the plane is exact there
+    np.testing.assert_allclose(out[30, 15:65], plane[30, 15:65], rtol=0, atol=1e-6)
+    # at the blob the good neighbours are lopsided: bias below one pixel's gradient
+    np.testing.assert_allclose(out[bad], plane[bad], rtol=0, atol=0.5)
+    assert out[5, 5] == pytest.approx(plane[5, 5], abs=0.5)
+    # a constant is reproduced everywhere
+    np.testing.assert_allclose(inpaint(np.where(bad, 1e6, 7.0), bad)[bad], 7.0, rtol=1e-6)
+    # a pixel with no good neighbour at all becomes 0, not NaN
+    hole = np.zeros(plane.shape, bool)
+    hole[20:50, 20:50] = True
+    assert inpaint(plane, hole)[35, 35] == 0.0
+
+
+def test_spread_by_influence_scales_with_the_masked_value():
+    """A bright masked pixel spreads its bit farther than a faint one, as far as
+    value * |K| exceeds the threshold (analytic for a Gaussian envelope)."""
+    sigma_k = 2.0
+    env = gaussian_kernel(sigma_k * FWHM_PER_SIGMA, K)
+    env = env / env.max()                      # peak 1: influence(r) = v exp(-r^2 / 2 s^2)
+    mask = np.zeros((101, 101), MASK_DTYPE)
+    mask[50, 50] = bit("SAT")
+    noise = np.ones(mask.shape)
+    radii = {}
+    for value in (0.5, 10.0, 1000.0):
+        values = np.zeros(mask.shape)
+        values[50, 50] = value
+        out = spread_by_influence(mask, values, noise, env, fraction=0.1)
+        flagged = (out & bit("SAT")) != 0
+        radii[value] = flagged[50, 50:].sum() - 1   # flagged pixels right of the centre
+        # expected radius: v exp(-r^2 / 2 s^2) > 0.1  ->  r < s sqrt(2 ln(10 v))
+        r_true = sigma_k * np.sqrt(2 * np.log(value / 0.1))
+        assert radii[value] == min(int(np.floor(r_true)), K // 2), (value, radii[value])
+        # no other plane is touched
+        assert not (out & bit("BAD")).any()
+    assert radii[0.5] < radii[10.0] < radii[1000.0]
+
+
+def test_match_exposure_inpaints_cosmic_rays_before_convolving():
+    """A cosmic ray under CR is not smeared into its neighbours: outside the
+    grown CR mask the matched image equals the matched clean image."""
+    psf = PsfModel.constant(visit_psf(3.0), width=120, height=100)
+    target = gaussian_kernel(MODEL_FWHM, K)
+    clean = exposure_with_stars(psf, [(60, 50)])
+    hit = exposure_with_stars(psf, [(60, 50)])
+    hit.image[30, 30] += 5e4
+    hit.mask[30, 30] |= bit("CR")
+    kernel = matching_kernel_model(psf, target)
+    env = kernel_envelope(kernel)
+    assert env.shape == (K, K) and env.max() > 0
+    m_clean = match_exposure(clean, target, kernel_model=kernel)
+    m_hit = match_exposure(hit, target, kernel_model=kernel)
+    cr = (m_hit.mask & bit("CR")) != 0
+    assert cr[30, 30] and not cr[50, 60]
+    ok = ~cr & np.isfinite(m_clean.image)
+    sigma = np.sqrt(m_hit.variance[ok])
+    assert np.max(np.abs(m_hit.image[ok] - m_clean.image[ok]) / sigma) < 0.1

@@ -586,6 +586,92 @@ def grow_mask(mask, halfwidth: int) -> np.ndarray:
     return or_window(m, -halfwidth, halfwidth, axis=1, fill=nodata)
 
 
+#: Largest contribution of masked input pixels to a convolved pixel, in units of
+#: that pixel's noise sigma, before their mask bit spreads to it
+#: (:func:`spread_by_influence`).  A coherent bias of ``b`` sigma per pixel
+#: under a Gaussian PSF of width ``s`` pixels has a matched-filter significance
+#: of ``2 sqrt(pi) s b``: 0.1 keeps it below ~1 sigma for ``s`` up to 3 px.
+INFLUENCE_FRACTION = 0.1
+#: Mask planes whose pixel values are not sky flux (a saturated core is
+#: truncated, a bleed trail, bad column or cosmic ray is not sky light); their
+#: influence through a convolution is tracked by :func:`spread_by_influence`.
+UNTRUSTED_PLANES = ("SAT", "BAD", "CR")
+#: Planes replaced by :func:`inpaint` before a convolution (narrow defects,
+#: where neighbours predict the sky well); saturated cores keep their values.
+INPAINTED_PLANES = ("BAD", "CR")
+#: Assumed error of an inpainted pixel, as a fraction of its inpainted value.
+INPAINT_ERROR = 0.2
+#: Gaussian sigma (pixels) of the weights that :func:`inpaint` averages with.
+INPAINT_SIGMA = 1.5
+
+
+def inpaint(image: np.ndarray, bad: np.ndarray, *, sigma: float = INPAINT_SIGMA) -> np.ndarray:
+    """Replace ``bad`` pixels by a Gaussian-weighted mean of the good ones.
+
+    Normalized convolution: ``G (x) (I g) / G (x) g`` with ``g`` the good
+    pixels and ``G`` a Gaussian of ``sigma`` pixels; a bad pixel with almost
+    no good neighbour (weight below 1 % of a full neighbourhood) becomes 0.
+    Good pixels are returned unchanged (new array, the input's float type).
+    """
+    bad = np.asarray(bad, dtype=bool) | ~np.isfinite(image)
+    out = np.array(image, dtype=np.float32 if image.dtype == np.float32 else np.float64)
+    if not bad.any():
+        return out
+    good = (~bad).astype(out.dtype)
+    num = ndimage.gaussian_filter(np.where(bad, 0, out), sigma, mode="constant", truncate=3.0)
+    den = ndimage.gaussian_filter(good, sigma, mode="constant", truncate=3.0)
+    est = np.divide(num, den, out=np.zeros_like(num), where=den > 0.01)
+    out[bad] = est[bad]
+    return out
+
+
+def kernel_envelope(kernel_model: PsfModel) -> np.ndarray:
+    """Element-wise maximum of ``|K|`` over a 5 x 5 grid of image positions."""
+    xs, ys = _sample_positions(kernel_model.width, kernel_model.height,
+                               5 if kernel_model.order > 0 else 1)
+    return np.max([np.abs(kernel_model.at(x, y)) for x, y in zip(xs, ys)], axis=0)
+
+
+def spread_by_influence(mask, values, sigma, envelope, *, planes=UNTRUSTED_PLANES,
+                        fraction: float = INFLUENCE_FRACTION) -> np.ndarray:
+    """Spread mask bits to the pixels that the masked pixels contaminate.
+
+    A convolution carries a masked pixel's value into its neighbours through
+    the whole kernel, negative lobes included: a bleed trail at 10^5 e- leaves
+    a trough far beyond the kernel's core.  A fixed growth radius is either
+    too small next to a bright trail or wasteful next to a faint bad pixel, so
+    each plane's bit is set where ``|values| * plane (x) |K|``, the largest
+    contribution the plane's pixels can make, exceeds ``fraction * sigma``.
+
+    Parameters
+    ----------
+    mask : ndarray of int (ny, nx)
+        Bit mask of the convolved image (returned updated, as a new array).
+    values : ndarray (ny, nx)
+        How wrong each masked pixel's value may be (image units; NaN counts
+        as 0): e.g. the value itself for a saturated pixel, a fraction of
+        the estimate for an inpainted one.
+    sigma : ndarray (ny, nx)
+        Noise sigma of the convolved image, same unit as ``values``.
+    envelope : ndarray (K, K)
+        ``|K|`` bound, e.g. :func:`kernel_envelope`.
+    planes : tuple of str
+        Planes whose pixels are tracked (each spreads its own bit).
+    fraction : float
+        Threshold in units of ``sigma``.
+    """
+    out = np.array(mask, dtype=MASK_DTYPE)
+    limit = np.float32(fraction) * np.asarray(sigma, dtype=np.float32)
+    absval = np.abs(np.nan_to_num(np.asarray(values, dtype=np.float32)))
+    env = np.asarray(envelope, dtype=np.float32)
+    for name in planes:
+        flag = (out & bit(name)) != 0
+        if flag.any():
+            influence = fft_convolve(np.where(flag, absval, np.float32(0)), env)
+            out[influence > limit] |= bit(name)
+    return out
+
+
 def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
                    kernel_model: PsfModel | None = None,
                    fill_bits: tuple[str, ...] = ("NO_DATA",),
@@ -610,7 +696,10 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     Returns
     -------
     Exposure
-        Convolved image and variance, grown mask, ``psf`` = the model PSF
+        Convolved image and variance (:data:`INPAINTED_PLANES` pixels
+        replaced by :func:`inpaint` first), mask grown by the kernel footprint
+        (and, for :data:`UNTRUSTED_PLANES`, as far as their pixels'
+        influence reaches: :func:`spread_by_influence`), ``psf`` = the model PSF
         (constant), same WCS and metadata.  Pixels flagged ``NO_DATA`` after
         growth (including a border of the kernel footprint half-width) are NaN.
     """
@@ -622,11 +711,21 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
         kernel_model = matching_kernel_model(exposure.psf, target_psf,
                                              regularization=regularization)
     fill = (exposure.mask & bits(*fill_bits)) != 0 if fill_bits else None
-    image = convolve_spatially_varying(exposure.image, kernel_model, fill_mask=fill)
-    variance = convolve_variance(exposure.variance, kernel_model, fill_mask=fill)
-    base_mask = exposure.mask | np.where(np.isfinite(exposure.image), 0, bit("NO_DATA"))
+    fill = ~np.isfinite(exposure.image) if fill is None else fill | ~np.isfinite(exposure.image)
+    patched = (exposure.mask & bits(*INPAINTED_PLANES)) != 0
+    data = inpaint(exposure.image, patched | fill)
+    image = convolve_spatially_varying(data, kernel_model, fill_mask=fill)
+    variance = convolve_variance(inpaint(exposure.variance, patched | fill), kernel_model,
+                                 fill_mask=fill)
+    base_mask = exposure.mask | np.where(fill, bit("NO_DATA"), 0)
     mask = grow_mask(base_mask.astype(MASK_DTYPE),
                      kernel_footprint_halfwidth(kernel_model, threshold=mask_threshold))
+    # how wrong a masked pixel may be: saturated ones entirely, inpainted ones in part
+    doubt = np.abs(np.where(patched, np.float32(INPAINT_ERROR) * data, data))
+    doubt[fill] = 0.0
+    with np.errstate(invalid="ignore"):
+        sigma = np.sqrt(np.maximum(variance, 0))
+    mask = spread_by_influence(mask, doubt, sigma, kernel_envelope(kernel_model))
     nodata = (mask & bit("NO_DATA")) != 0
     image[nodata] = np.nan
     variance[nodata] = np.nan
