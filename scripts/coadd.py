@@ -90,7 +90,7 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
         extra = [fits.ImageHDU(np.zeros(shape, np.int16), name="NIMAGE"),
                  fits.ImageHDU(np.zeros(shape, np.float32), name="WEIGHTSUM")]
         logger.warning("coadd %s %s: no usable input visit", band, patch)
-    psf = PsfModel.gaussian(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
+    psf = PsfModel.model(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
                             width=shape[1], height=shape[0])
     meta = dict(BAND=band, PATCH=patch, BUNIT="nJy", NINPUTS=len(paths),
                 MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"],

@@ -125,6 +125,17 @@ def moffat_kernel(fwhm: float, size: int, *, beta: float = 3.5, e1: float = 0.0,
     return k / k.sum()
 
 
+def model_psf_kernel(fwhm: float, size: int) -> np.ndarray:
+    """The coadd's model PSF: a circular Gaussian of FWHM ``fwhm`` (pixels), unit sum.
+
+    The one definition used by the warps, the coadds and the templates.  (A
+    Moffat, beta = 3, of the same adaptive-moment FWHM was tried: on the default
+    run its false positives per visit rose from 12.5 to 20.6 and the noise ratio
+    of the differences from 1.02 to 1.04; the Gaussian stays.)
+    """
+    return gaussian_kernel(fwhm, size)
+
+
 def moments_fwhm(kernel: np.ndarray) -> float:
     """FWHM (pixels) of the Gaussian with the same adaptive second moments.
 
@@ -213,6 +224,11 @@ class PsfModel:
     def gaussian(cls, fwhm: float, size: int, width: int = 1, height: int = 1) -> "PsfModel":
         """A constant circular Gaussian model PSF of the given FWHM (pixels)."""
         return cls.constant(gaussian_kernel(fwhm, size), width, height)
+
+    @classmethod
+    def model(cls, fwhm: float, size: int, width: int = 1, height: int = 1) -> "PsfModel":
+        """The coadd model PSF (:func:`model_psf_kernel`), constant over the image."""
+        return cls.constant(model_psf_kernel(fwhm, size), width, height)
 
     def scaled_uv(self, x, y):
         """Scaled coordinates ``(u, v)`` in [-1, 1] of pixel position ``(x, y)``."""

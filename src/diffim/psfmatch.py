@@ -19,7 +19,7 @@ from .calexp import pixel_scale_arcsec
 from .errors import NoOverlapError, PsfFitError
 from .exposure import Exposure
 from .kernel import can_match, match_exposure
-from .psf import PsfModel, gaussian_kernel
+from .psf import PsfModel, model_psf_kernel
 from .warp import warp_exposure
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     """
     size = calexp.psf.kernel_size
     scale = pixel_scale_arcsec(calexp.wcs)
-    model = gaussian_kernel(model_fwhm_arcsec / scale, size)
+    model = model_psf_kernel(model_fwhm_arcsec / scale, size)
     for x, y in _check_points(calexp.shape):
         ok, reason = can_match(calexp.psf.at(x, y), model)
         if not ok:
@@ -110,7 +110,7 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
     patch_scale = pixel_scale_arcsec(patch_wcs)
-    psf = PsfModel.gaussian(model_fwhm_arcsec / patch_scale, size,
+    psf = PsfModel.model(model_fwhm_arcsec / patch_scale, size,
                             width=patch_shape[1], height=patch_shape[0])
     meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")
             if k in calexp.meta}

@@ -97,7 +97,7 @@ def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: E
 def template_psf(model_fwhm_arcsec: float, pixel_scale_arcsec: float, kernel_size: int,
                  shape) -> PsfModel:
     """The coadd model PSF (circular Gaussian) expressed in visit pixels."""
-    return PsfModel.gaussian(model_fwhm_arcsec / pixel_scale_arcsec, kernel_size,
+    return PsfModel.model(model_fwhm_arcsec / pixel_scale_arcsec, kernel_size,
                              width=shape[1], height=shape[0])
 
 
