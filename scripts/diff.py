@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 
-from diffim.detect import detect_dia_sources
+from diffim.detect import detect_dia_sources, noise_terms
 from diffim.errors import DiffimError, NoOverlapError
 from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
                        write_exposure, write_json, write_table)
@@ -83,7 +83,9 @@ def main(inp, out, params, wildcards, log=None):
                                  kernel_spatial_order=cfg["kernel_spatial_order"],
                                  background_order=cfg["background_order"],
                                  decorrelate=cfg["decorrelate"])
-        sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"])
+        noise = noise_terms(result.difference, template.image)
+        sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
+                                     noise=noise, scene=template.image)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DiffimError) else \
             f"internal error in diff ({type(exc).__name__}: {exc})"
@@ -94,7 +96,7 @@ def main(inp, out, params, wildcards, log=None):
     diff = result.difference
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo,
-                     MODELERR=float(result.model_error))
+                     **noise.systematics.header_cards())
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
     template_hdu.header["BUNIT"] = "nJy"
@@ -105,7 +107,9 @@ def main(inp, out, params, wildcards, log=None):
                             "n_dia_sources": len(table), "mode": result.mode,
                             "kernel_sum": float(result.kernel_sum),
                             "noise_ratio": float(result.noise_ratio),
-                            "model_error": float(result.model_error),
+                            "scale_error": noise.systematics.scale_error,
+                            "shift_error": noise.systematics.shift_error,
+                            "wing_error": noise.systematics.wing_error,
                             "leave_one_out_patches": n_loo})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))
 

@@ -1,6 +1,6 @@
 """Rule `forced_photometry`: PSF photometry at every DIAObject on one difference image."""
 
-from diffim.io import read_exposure, read_json, read_table, write_table
+from diffim.io import read_exposure, read_extension, read_json, read_table, write_table
 from diffim.lightcurves import empty_light_curves, forced_photometry
 from diffim.runlog import setup_logging
 
@@ -15,7 +15,8 @@ def main(diff_path, status_path, objects_path, output, log=None):
     diff = read_exposure(diff_path)
     m = diff.meta
     table = forced_photometry(diff, read_table(objects_path), int(m["VISIT"]), int(m["DETECTOR"]),
-                              str(m["BAND"]), float(m["MIDMJD"]))
+                              str(m["BAND"]), float(m["MIDMJD"]),
+                              scene=read_extension(diff_path, "TEMPLATE"))
     write_table(output, table)
     logger.info("forced photometry of %d DIAObjects on visit %s", len(table), m["VISIT"])
 

@@ -59,7 +59,7 @@ Measurement
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -68,7 +68,9 @@ from scipy import ndimage, optimize
 
 from . import masks
 from .exposure import Exposure
-from .kernel import fft_convolve
+from .kernel import bin_sum, fft_convolve
+from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, Systematics, measure_systematics,
+                        systematic_variance)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ def empty_catalog() -> pd.DataFrame:
 
 
 def significance_image(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
-                       bad: np.ndarray | None = None) -> np.ndarray:
+                       bad: np.ndarray | None = None, *,
+                       extra_variance: np.ndarray | None = None) -> np.ndarray:
     """Matched-filter significance ``(D * P) / sqrt(V * P^2)`` (``*`` = correlation).
 
     Parameters
@@ -103,12 +106,23 @@ def significance_image(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
         PSF kernel, centred on ``(K // 2, K // 2)``.
     bad : ndarray of bool, optional
         Pixels left out of both sums; the significance is 0 on them.
+    extra_variance : ndarray (ny, nx), optional
+        Variance added to the *filtered* image's (``V * P^2``), e.g. the
+        systematic terms of :func:`diffim.residuals.systematic_variance`.
 
     Returns
     -------
     ndarray (ny, nx) float32
         Significance in units of the noise sigma; 0 where undefined.
     """
+    num, den, bad = _filtered(image, variance, psf, bad)
+    if extra_variance is not None:
+        den += extra_variance
+    return _ratio(num, den, bad)
+
+
+def _filtered(image, variance, psf, bad):
+    """``D * P`` and ``V * P^2`` with unusable pixels left out (and the bad-pixel mask)."""
     bad = np.zeros(image.shape, bool) if bad is None else bad
     bad = bad | ~np.isfinite(image) | ~np.isfinite(variance) | (variance < 0)
     d = np.where(bad, np.float32(0), image.astype(np.float32, copy=False))
@@ -117,13 +131,60 @@ def significance_image(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
     num = fft_convolve(d, p)
     del d
     den = fft_convolve(v, p * p)
-    del v
+    return num, den, bad
+
+
+def _ratio(num, den, bad) -> np.ndarray:
+    """``num / sqrt(den)``, 0 on bad pixels and where ``den`` is below a tiny floor."""
     sample = den[::4, ::4][~bad[::4, ::4]]  # every 16th pixel sets the floor
     floor = 1e-6 * float(np.median(sample)) if sample.size else 0.0
-    ok = den > floor
-    ok &= ~bad
-    np.sqrt(den, out=den, where=ok)
-    return np.divide(num, den, out=np.zeros(image.shape, dtype=np.float32), where=ok)
+    ok = (den > floor) & ~bad
+    root = np.sqrt(den, where=ok, out=np.zeros_like(den))
+    return np.divide(num, root, out=np.zeros(num.shape, dtype=np.float32), where=ok)
+
+def label_peaks(sig: np.ndarray, threshold: float):
+    """Regions ``sig > threshold``: peak value, peak (y, x) and bounding-box size each."""
+    labels, n = ndimage.label(sig > threshold, structure=np.ones((3, 3)))
+    slices = ndimage.find_objects(labels)
+    peaks = np.empty(n)
+    pos = np.empty((n, 2), dtype=int)
+    ext = np.empty(n, dtype=int)
+    # a loop over the (few thousand) regions is much faster than ndimage.maximum_position,
+    # which sorts the whole label image
+    for i, sl in enumerate(slices):
+        sub = np.where(labels[sl] == i + 1, sig[sl], -np.inf)
+        j = np.unravel_index(np.argmax(sub), sub.shape)
+        peaks[i] = sub[j]
+        pos[i] = (j[0] + sl[0].start, j[1] + sl[1].start)
+        ext[i] = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+    return peaks, pos, ext
+
+
+def binned_significance(image: np.ndarray, variance: np.ndarray, psf: np.ndarray,
+                        bad: np.ndarray, *, min_size: int = 2048) -> tuple[np.ndarray, int]:
+    """:func:`significance_image` on ``f x f`` binned pixels, for finding bright peaks fast.
+
+    ``f = 2`` for images of at least ``min_size`` pixels on a side, else 1;
+    peak positions in the result times ``f`` are (to within ``f``) full-resolution
+    positions.  Returns ``(significance, f)``.
+    """
+    f = 2 if min(image.shape) >= min_size else 1
+    if f > 1:
+        psf = bin_sum(np.pad(psf, ((0, 1), (0, 1))), f)
+        psf = np.pad(psf, ((0, 1), (0, 1))) if psf.shape[0] % 2 == 0 else psf
+    img = np.where(bad, np.float32(0), np.asarray(image, np.float32))
+    var = np.where(bad, np.float32(0), np.asarray(variance, np.float32))
+    return significance_image(bin_sum(img, f), bin_sum(var, f), psf, bin_sum(bad, f)), f
+
+
+def refine_binned_peak(img: np.ndarray, x: int, y: int, f: int) -> tuple[int, int]:
+    """Brightest full-resolution pixel of ``img`` near the peak ``(x, y)`` of ``f``-binned pixels."""
+    if f == 1:
+        return int(x), int(y)
+    y0, x0 = max(y - 1, 0), max(x - 1, 0)
+    sub = np.nan_to_num(img[y0:y + f + 1, x0:x + f + 1], nan=-np.inf)
+    j = np.unravel_index(np.argmax(sub), sub.shape)
+    return int(x0 + j[1]), int(y0 + j[0])
 
 
 #: Half-size (pixels) of the measured noise autocorrelation; the difference of
@@ -262,7 +323,7 @@ def filtered_noise_scale(diff: Exposure, *, clip: float = 4.0, n_iter: int = 3) 
 
 @dataclass(frozen=True)
 class NoiseTerms:
-    """The detection filter and noise factors of one difference image.
+    """The detection filter, noise factors and systematic terms of one difference image.
 
     Measured once per difference (:func:`noise_terms`, ~0.1-0.3 s) and passed
     to :func:`detection_significance`, :func:`detect_dia_sources` and
@@ -275,33 +336,110 @@ class NoiseTerms:
     c_filter, c_psf : float
         Variance factors of the filtered image and of PSF fits (including
         ``diff.meta["NOISECOR"]`` squared when set).
+    systematics : Systematics
+        Residual level at static sources (:mod:`diffim.residuals`); it enters
+        wherever a ``scene`` (the template) is given.
     """
 
     filter: np.ndarray
     c_filter: float
     c_psf: float
+    systematics: Systematics = Systematics()
 
 
-def noise_terms(diff: Exposure) -> NoiseTerms:
-    """Measure the noise correlation of ``diff`` and derive its :class:`NoiseTerms`."""
-    _check_diff(diff)
-    h, c_filter, c_psf = detection_filter(diff.psf.at(), noise_correlation(diff))
-    extra = float(diff.meta.get("NOISECOR", 1.0)) ** 2
-    return NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra)
+def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
+                systematics: Systematics | None = None) -> NoiseTerms:
+    """Measure the noise correlation of ``diff`` and derive its :class:`NoiseTerms`.
 
-
-def detection_significance(diff: Exposure, noise: NoiseTerms | None = None) -> np.ndarray:
-    """Detection significance of point sources in ``diff`` (sigma units).
-
-    ``(D * h) / sqrt(c (V * h^2))`` with the filter ``h`` and factor ``c`` of
-    :func:`detection_filter` for the measured noise correlation: the plain
-    matched filter for white noise, ZOGY's score for a difference with a
-    correlated-noise (coadd) template.  0 on unusable pixels.  ``noise``
-    (from :func:`noise_terms`) is measured here when not given.
+    With ``scene`` (the static scene: the template on the difference's pixel
+    grid, any flux scale), the systematic residual terms are measured too
+    (:func:`diffim.residuals.measure_systematics`) unless ``systematics`` gives
+    them (e.g. read back from a difference image's header).
     """
-    noise = noise_terms(diff) if noise is None else noise
-    return significance_image(diff.image, diff.variance * np.float32(noise.c_filter),
+    _check_diff(diff)
+    rho = noise_correlation(diff)
+    h, c_filter, c_psf = detection_filter(diff.psf.at(), rho)
+    extra = float(diff.meta.get("NOISECOR", 1.0)) ** 2
+    terms = NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra)
+    if systematics is not None:
+        return replace(terms, systematics=systematics)
+    if scene is None:
+        return terms
+    _check_scene(diff, scene)
+    bad = _bad_pixels(diff)
+    sig, f = binned_significance(np.where(np.isfinite(scene), scene, 0), diff.variance,
+                                 diff.psf.at(), bad)
+    peaks, pos, _ = label_peaks(sig, MIN_SOURCE_SNR)
+    brightest = np.argsort(-peaks)[:MAX_SOURCES]
+    xy = [refine_binned_peak(scene, int(pos[i, 1]) * f, int(pos[i, 0]) * f, f) for i in brightest]
+    radius = int(min(np.ceil(1.5 * diff.psf.fwhm()), diff.psf.kernel_size // 2))
+    sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
+                              np.array(xy, int).reshape(-1, 2), radius=radius,
+                              wing_sigma=diff.psf.fwhm())
+    return replace(terms, systematics=sys)
+
+
+def _check_scene(diff: Exposure, scene) -> None:
+    if np.shape(scene) != diff.shape:
+        raise ValueError(f"scene {np.shape(scene)} and difference {diff.shape} must be on the "
+                         "same pixel grid")
+
+
+def systematic_variance_map(noise: NoiseTerms, scene: np.ndarray | None) -> np.ndarray | None:
+    """Systematic variance of the filtered difference (None without scene or terms)."""
+    if scene is None or not noise.systematics.active:
+        return None
+    return systematic_variance(scene, noise.filter, noise.systematics)
+
+
+@dataclass(frozen=True)
+class Significance:
+    """Detection significance of a difference image (sigma units).
+
+    Attributes
+    ----------
+    image : ndarray (ny, nx) float32
+        ``(D * h) / sqrt(c (V * h^2) + V_sys)``: what is thresholded, with the
+        systematic residual variance ``V_sys`` at static sources.
+    statistical : ndarray (ny, nx) float32
+        The same without ``V_sys``.  Peaks and centroids are taken on it: a
+        variable star's ``image`` peaks on a ring where ``V_sys`` stops
+        dominating, not at the star.
+    """
+
+    image: np.ndarray
+    statistical: np.ndarray
+
+
+def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
+                      scene: np.ndarray | None = None, *,
+                      sys_variance: np.ndarray | None = None) -> Significance:
+    """Both :class:`Significance` images of ``diff`` (one filtering for both).
+
+    ``h`` and ``c`` are the filter and factor of :func:`detection_filter` for
+    the measured noise correlation (the plain matched filter for white noise,
+    ZOGY's score for a difference with a correlated-noise coadd template);
+    ``V_sys`` is the systematic residual variance at static sources
+    (:mod:`diffim.residuals`; only with ``scene`` or a precomputed
+    ``sys_variance``).  0 on unusable pixels.  ``noise`` (from
+    :func:`noise_terms`) is measured here when not given.
+    """
+    noise = noise_terms(diff, scene) if noise is None else noise
+    if sys_variance is None:
+        sys_variance = systematic_variance_map(noise, scene)
+    num, den, bad = _filtered(diff.image, diff.variance * np.float32(noise.c_filter),
                               noise.filter, _bad_pixels(diff))
+    stat = _ratio(num, den, bad)
+    if sys_variance is None:
+        return Significance(image=stat, statistical=stat)
+    den += sys_variance
+    return Significance(image=_ratio(num, den, bad), statistical=stat)
+
+
+def detection_significance(diff: Exposure, noise: NoiseTerms | None = None,
+                           scene: np.ndarray | None = None) -> np.ndarray:
+    """The thresholded detection significance, :attr:`Significance.image` (sigma units)."""
+    return significance_maps(diff, noise, scene).image
 
 
 def _scaled(diff: Exposure, factor: float) -> Exposure:
@@ -316,17 +454,18 @@ def _scaled(diff: Exposure, factor: float) -> Exposure:
                     mask=diff.mask, wcs=diff.wcs, psf=diff.psf, meta=diff.meta)
 
 
-def _peaks_in_footprints(sig: np.ndarray, threshold: float, min_sep: float):
-    """Footprints of ``sig > threshold`` and their peaks.
+def _peaks_in_footprints(sig: np.ndarray, peak_sig: np.ndarray, threshold: float,
+                         min_sep: float):
+    """Footprints of ``sig > threshold`` and their peaks (local maxima of ``peak_sig``).
 
-    Returns ``labels``, ``slices`` and a list of ``(iy, ix, value, label)``.
+    Returns ``labels``, ``slices`` and a list of ``(iy, ix, peak_sig value, label)``.
     """
     labels, n = ndimage.label(sig > threshold, structure=np.ones((3, 3), dtype=int))
     slices = ndimage.find_objects(labels)
     peaks = []
     r = max(1, int(np.floor(min_sep)))
     for lab, sl in enumerate(slices, start=1):
-        sub = np.where(labels[sl] == lab, sig[sl], -np.inf)
+        sub = np.where(labels[sl] == lab, peak_sig[sl], -np.inf)
         iy, ix = np.unravel_index(np.argmax(sub), sub.shape)
         if sub.size <= 9 or max(sub.shape) <= min_sep:
             peaks.append((iy + sl[0].start, ix + sl[1].start, float(sub[iy, ix]), lab))
@@ -477,16 +616,17 @@ def _flags(mask: np.ndarray, labels: np.ndarray, sl, lab: int, x: float, y: floa
     return edge, sat, bad
 
 
-def _measure_side(diff: Exposure, sig: np.ndarray, sign: int, threshold: float, min_sep: float,
-                  bad: np.ndarray, flag_radius: float) -> list[dict]:
+def _measure_side(diff: Exposure, sig: Significance, sign: int, threshold: float,
+                  min_sep: float, bad: np.ndarray, flag_radius: float) -> list[dict]:
     """Detect and measure the sources of one sign (``+1`` or ``-1``)."""
-    s = sig if sign > 0 else -sig
-    labels, slices, peaks = _peaks_in_footprints(s, threshold, min_sep)
+    s, s_stat = (sig.image, sig.statistical) if sign > 0 else (-sig.image, -sig.statistical)
+    labels, slices, peaks = _peaks_in_footprints(s, s_stat, threshold, min_sep)
     areas = np.bincount(labels.ravel()) if peaks else None
     edge_width = diff.psf.kernel_size // 2
     rows = []
-    for iy, ix, val, lab in peaks:
-        x, y = _refine_peak(s, iy, ix)
+    for iy, ix, _, lab in peaks:
+        val = float(s[iy, ix])
+        x, y = _refine_peak(s_stat, iy, ix)
         flux, err = _psf_fit(diff.image, diff.variance, bad, diff.psf, x, y)
         edge, sat, badf = _flags(diff.mask, labels, slices[lab - 1], lab, x, y, flag_radius,
                                  edge_width)
@@ -551,7 +691,8 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
                        dipole_flux_ratio: float = 3.0,
                        flag_radius_px: float | None = None,
                        noise: NoiseTerms | None = None,
-                       significance: np.ndarray | None = None) -> pd.DataFrame:
+                       significance: Significance | None = None,
+                       scene: np.ndarray | None = None) -> pd.DataFrame:
     """Detect and measure positive, negative and dipole DIASources.
 
     Parameters
@@ -572,9 +713,13 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
         pixel flags (default 1 FWHM).
     noise : NoiseTerms, optional
         From :func:`noise_terms` (measured here when not given).
-    significance : ndarray, optional
-        :func:`detection_significance` of ``diff`` with the same ``noise``, if
-        the caller already has it.
+    significance : Significance, optional
+        :func:`significance_maps` of ``diff`` with the same ``noise`` and
+        ``scene``, if the caller already has it.
+    scene : ndarray, optional
+        The static scene (template) on the same grid: with it, the systematic
+        residual terms of ``noise`` (measured here when ``noise`` is not
+        given) enter the significance and the PSF-flux errors.
 
     Returns
     -------
@@ -585,19 +730,24 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     _check_diff(diff)
     if threshold <= 0:
         raise ValueError(f"threshold must be positive (sigma), got {threshold}")
-    noise = noise_terms(diff) if noise is None else noise
+    noise = noise_terms(diff, scene) if noise is None else noise
     fwhm = diff.psf.fwhm()
     min_sep = 2.0 * fwhm if min_separation_px is None else float(min_separation_px)
     max_sep = 2.0 * fwhm if dipole_max_sep_px is None else float(dipole_max_sep_px)
     radius = fwhm if flag_radius_px is None else float(flag_radius_px)
     bad = _bad_pixels(diff)
-    sig = detection_significance(diff, noise) if significance is None else significance
-    if sig.shape != diff.shape:
-        raise ValueError(f"significance {sig.shape} and difference {diff.shape} differ in shape")
+    sys_var = systematic_variance_map(noise, scene)
+    if significance is None:
+        significance = significance_maps(diff, noise, sys_variance=sys_var)
+    if significance.image.shape != diff.shape:
+        raise ValueError(f"significance {significance.image.shape} and difference "
+                         f"{diff.shape} differ in shape")
     diff = _scaled(diff, noise.c_psf)
-    pos = _measure_side(diff, sig, +1, threshold, min_sep, bad, radius)
-    neg = _measure_side(diff, sig, -1, threshold, min_sep, bad, radius)
+    pos = _measure_side(diff, significance, +1, threshold, min_sep, bad, radius)
+    neg = _measure_side(diff, significance, -1, threshold, min_sep, bad, radius)
     rows = _merge_dipoles(diff, bad, pos, neg, max_sep, dipole_flux_ratio)
+    if sys_var is not None:
+        _add_systematic_errors(rows, sys_var, _flux_per_filtered(diff.psf, noise.filter))
     logger.info("detected %d positive, %d negative sources -> %d DIASources (%d dipoles)",
                 len(pos), len(neg), len(rows), sum(r["isDipole"] for r in rows))
     if not rows:
@@ -606,8 +756,31 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     return df.astype(COLUMNS).sort_values(["y", "x"]).reset_index(drop=True)
 
 
-def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def _flux_per_filtered(psf, h: np.ndarray) -> float:
+    """``sum(P h)``: the filtered value of a point source of unit flux (PSF at the centre)."""
+    return float(np.sum(psf.at() * h))
+
+
+def _systematic_flux_error(sys_var: np.ndarray, x, y, per_filtered: float) -> np.ndarray:
+    """PSF-flux error from the systematic variance map at the nearest pixels of ``(x, y)``."""
+    ny, nx = sys_var.shape
+    ix = np.clip(np.round(np.asarray(x, float)).astype(int), 0, nx - 1)
+    iy = np.clip(np.round(np.asarray(y, float)).astype(int), 0, ny - 1)
+    return np.sqrt(np.maximum(sys_var[iy, ix], 0)) / per_filtered
+
+
+def _add_systematic_errors(rows: list[dict], sys_var: np.ndarray, per_filtered: float) -> None:
+    """Add the systematic error in quadrature to each row's PSF-flux errors (in place)."""
+    for r in rows:
+        e = float(_systematic_flux_error(sys_var, r["x"], r["y"], per_filtered))
+        r["psfFluxErr"] = float(np.hypot(r["psfFluxErr"], e))
+        if np.isfinite(r["dipoleNegFluxErr"]):
+            r["dipoleNegFluxErr"] = float(np.hypot(r["dipoleNegFluxErr"], e))
+        r["psfSnr"] = r["psfFlux"] / r["psfFluxErr"] if r["psfFluxErr"] > 0 else np.nan
+
+
+def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = None,
+                          scene: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """PSF-fit flux and error (nJy) at fixed positions of the difference image.
 
     Parameters
@@ -618,14 +791,18 @@ def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = No
         0-based pixel positions.
     noise : NoiseTerms, optional
         From :func:`noise_terms` (measured here when not given).
+    scene : ndarray, optional
+        The static scene (template): its systematic residual terms
+        (:mod:`diffim.residuals`) are added to the errors.
 
     Returns
     -------
     flux, flux_err : ndarray
         Weighted least-squares PSF amplitudes and their errors from the
-        variance plane; NaN where no usable pixel overlaps the PSF.
+        variance plane (plus the systematic term); NaN where no usable pixel
+        overlaps the PSF.
     """
-    noise = noise_terms(diff) if noise is None else noise
+    noise = noise_terms(diff, scene) if noise is None else noise
     diff = _scaled(diff, noise.c_psf)
     x = np.atleast_1d(np.asarray(x, dtype=float))
     y = np.atleast_1d(np.asarray(y, dtype=float))
@@ -634,4 +811,9 @@ def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = No
     bad = _bad_pixels(diff)
     out = np.array([_psf_fit(diff.image, diff.variance, bad, diff.psf, xi, yi)
                     for xi, yi in zip(x.ravel(), y.ravel())]).reshape(x.shape + (2,))
-    return out[..., 0], out[..., 1]
+    flux, err = out[..., 0], out[..., 1]
+    sys_var = systematic_variance_map(noise, scene)
+    if sys_var is not None:
+        err = np.hypot(err, _systematic_flux_error(sys_var, x, y,
+                                                   _flux_per_filtered(diff.psf, noise.filter)))
+    return flux, err

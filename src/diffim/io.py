@@ -370,6 +370,15 @@ def _exposure_from_hdul(hdul, *, memmap) -> Exposure:
                     wcs=wcs, psf=psf, meta=meta)
 
 
+def read_extension(path, name: str) -> np.ndarray:
+    """The data of one named image extension (e.g. a difference image's ``TEMPLATE``)."""
+    try:
+        with fits.open(path) as hdul:
+            return np.array(hdul[name].data)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: no readable {name} extension ({first_line(exc)})") from None
+
+
 def read_header(path, ext=0) -> fits.Header:
     """The header of one HDU (by index or name)."""
     with fits.open(path) as hdul:

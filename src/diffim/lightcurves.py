@@ -14,8 +14,9 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .detect import forced_psf_photometry
+from .detect import forced_psf_photometry, noise_terms
 from .exposure import Exposure
+from .residuals import Systematics
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def object_pixels(wcs, objects: pd.DataFrame, shape) -> tuple[np.ndarray, np.nda
 
 
 def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int,
-                      detector: int, band: str, mjd: float) -> pd.DataFrame:
+                      detector: int, band: str, mjd: float, *,
+                      scene: np.ndarray | None = None) -> pd.DataFrame:
     """PSF fluxes (nJy) of every DIAObject that falls on one difference image.
 
     Parameters
@@ -68,6 +70,10 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
         ``diaObjectId, ra, dec`` (degrees).
     visit, detector, band, mjd
         Copied into every row (``mjd``: exposure midpoint, MJD TAI).
+    scene : ndarray, optional
+        The template on the difference's grid: the systematic residual terms
+        recorded in the difference's header (:class:`diffim.residuals.Systematics`)
+        are added to the errors.
 
     Returns
     -------
@@ -86,7 +92,9 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
     x, y, inside = object_pixels(diff_exposure.wcs, objects, diff_exposure.shape)
     if not inside.any():
         return empty_light_curves()
-    flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside])
+    noise = noise_terms(diff_exposure, systematics=Systematics.from_meta(diff_exposure.meta))
+    flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside], noise=noise,
+                                      scene=scene)
     out = pd.DataFrame({
         "diaObjectId": objects["diaObjectId"].to_numpy()[inside], "visit": visit,
         "detector": detector, "band": band, "midpointMjdTai": mjd,

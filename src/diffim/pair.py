@@ -160,14 +160,15 @@ def subtract_pair(science: np.ndarray, reference: np.ndarray, *, gain: float = 1
     sub = subtract_images(sci, ref, mode=mode, kernel_spatial_order=kernel_spatial_order,
                           background_order=background_order)
     t2 = time.perf_counter()
-    noise = detect.noise_terms(sub.difference)
-    sig = detect.detection_significance(sub.difference, noise)
+    # the reference is the static scene: its bright sources calibrate the systematic terms
+    noise = detect.noise_terms(sub.difference, ref.image)
+    sig = detect.significance_maps(sub.difference, noise, ref.image)
     sources = detect.detect_dia_sources(sub.difference, threshold=threshold, noise=noise,
-                                        significance=sig)
+                                        significance=sig, scene=ref.image)
     t3 = time.perf_counter()
     diff, sources = _to_adu(sub.difference, sources, gain)
     timings = {"characterize": t1 - t0, "subtract": t2 - t1, "detect": t3 - t2,
                "total": t3 - t0}
     logger.info("pair: mode %s, %d DIASources, %.2f s", sub.mode, len(sources), t3 - t0)
-    return PairResult(difference=diff, significance=sig, sources=sources, subtraction=sub,
+    return PairResult(difference=diff, significance=sig.image, sources=sources, subtraction=sub,
                       science=ch_s, reference=ch_r, timings=timings)

@@ -243,24 +243,6 @@ class MatchingKernel:
 # Kernel candidates
 # --------------------------------------------------------------------------
 
-def _label_peaks(sig: np.ndarray, threshold: float):
-    """Regions ``sig > threshold``: peak value, peak (y, x) and bounding-box size each."""
-    labels, n = ndimage.label(sig > threshold, structure=np.ones((3, 3)))
-    slices = ndimage.find_objects(labels)
-    peaks = np.empty(n)
-    pos = np.empty((n, 2), dtype=int)
-    ext = np.empty(n, dtype=int)
-    # a loop over the (few thousand) regions is much faster than ndimage.maximum_position,
-    # which sorts the whole label image
-    for i, sl in enumerate(slices):
-        sub = np.where(labels[sl] == i + 1, sig[sl], -np.inf)
-        j = np.unravel_index(np.argmax(sub), sub.shape)
-        peaks[i] = sub[j]
-        pos[i] = (j[0] + sl[0].start, j[1] + sl[1].start)
-        ext[i] = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
-    return peaks, pos, ext
-
-
 def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
                              margin: int, min_snr: float = 20.0,
                              max_snr: float = 1.0e5, cell_size: int = 512,
@@ -288,22 +270,16 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     xy : ndarray (n, 2) int
         Integer pixel positions ``(x, y)`` of the stamp centres.
     """
-    from .detect import significance_image  # local import: detect imports nothing from here
+    from .detect import binned_significance, label_peaks, refine_binned_peak  # (local import)
 
     ny, nx = reference.shape
     if bad is None:
         bad_any = _unusable(reference, masks.BAD_FOR_FIT) | _unusable(other, masks.BAD_FOR_FIT)
     else:
         bad_any = bad
-    f = 2 if min(ny, nx) >= 2048 else 1
-    psf = reference.psf.at()
-    if f > 1:
-        psf = bin_sum(np.pad(psf, ((0, 1), (0, 1))), f)
-        psf = np.pad(psf, ((0, 1), (0, 1))) if psf.shape[0] % 2 == 0 else psf
     img = np.where(bad_any, np.float32(0), reference.image.astype(np.float32, copy=False))
-    var = np.where(bad_any, np.float32(0), reference.variance.astype(np.float32, copy=False))
-    sig = significance_image(bin_sum(img, f), bin_sum(var, f), psf, bin_sum(bad_any, f))
-    peaks, pos, ext = _label_peaks(sig, detect_sigma)
+    sig, f = binned_significance(img, reference.variance, reference.psf.at(), bad_any)
+    peaks, pos, ext = label_peaks(sig, detect_sigma)
     if len(peaks) == 0:
         return np.zeros((0, 2), dtype=int)
     pos = pos * f
@@ -314,7 +290,7 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     for i in np.argsort(-peaks):
         if not (min_snr <= peaks[i] <= max_snr) or ext[i] > 2 * half + 1:
             continue
-        x, y = _refine_max(img, px[i], py[i], f)
+        x, y = refine_binned_peak(img, px[i], py[i], f)
         if x < reach or y < reach or x >= nx - reach or y >= ny - reach:
             continue
         near = (np.abs(px - x) <= half) & (np.abs(py - y) <= half) & (peaks > peaks[i])
@@ -330,16 +306,6 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     per_cell = int(np.ceil(max_candidates / (ncx * ncy)))
     chosen = np.sort(np.concatenate([np.nonzero(cell == c)[0][:per_cell] for c in np.unique(cell)]))
     return xy[chosen]
-
-
-def _refine_max(img: np.ndarray, x: int, y: int, f: int) -> tuple[int, int]:
-    """Brightest full-resolution pixel near a (binned) peak position."""
-    if f == 1:
-        return int(x), int(y)
-    y0, x0 = max(y - 1, 0), max(x - 1, 0)
-    sub = img[y0:y + f + 1, x0:x + f + 1]
-    j = np.unravel_index(np.argmax(sub), sub.shape)
-    return int(x0 + j[1]), int(y0 + j[0])
 
 
 # --------------------------------------------------------------------------
@@ -768,9 +734,6 @@ class SubtractionResult:
     decorrelation_kernel : ndarray or None
     noise_ratio : float
         Robust std (1.4826 MAD) of ``diff / sqrt(variance)`` over unmasked pixels.
-    model_error : float
-        Fractional model error ``eps`` at stars (:func:`model_error_fraction`);
-        ``eps^2 S^2`` is included in the variance plane.
     fwhm_science, fwhm_template : float
         Adaptive-moment FWHM (pixels) of the PSF models at the centre.
     """
@@ -789,7 +752,6 @@ class SubtractionResult:
     background_order: int
     decorrelation_kernel: np.ndarray | None
     noise_ratio: float
-    model_error: float
     fwhm_science: float
     fwhm_template: float
     timings: dict = field(default_factory=dict)
@@ -806,7 +768,7 @@ class SubtractionResult:
                 "n_candidates": self.n_candidates, "n_used": self.n_used,
                 "chi2_mean": self.chi2_mean, "chi2_std": self.chi2_std,
                 "background": [float(b) for b in self.background],
-                "noise_ratio": self.noise_ratio, "model_error": self.model_error,
+                "noise_ratio": self.noise_ratio,
                 "fwhm_science": self.fwhm_science,
                 "fwhm_template": self.fwhm_template}
 
@@ -926,9 +888,10 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                     kernel_spatial_order: int = 1, background_order: int = 1,
                     decorrelate: bool = True, n_sigma_clip: float = 3.0,
                     kernel_size: int | None = None, basis_degrees=(4, 2, 2, 2),
+                    wing_degree: int | None = 2,
                     fallback: bool = True, candidate_min_snr: float = 20.0,
-                    candidate_cell_size: int = 512, max_candidates: int = 150,
-                    model_error: bool = True) -> SubtractionResult:
+                    candidate_cell_size: int = 512,
+                    max_candidates: int = 150) -> SubtractionResult:
     """PSF-match and subtract a template from a science exposure.
 
     Parameters
@@ -958,14 +921,20 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         wings, which biased the kernel sum by -1.1 % and left halos around
         bright stars (15 false 5-sigma detections per 1k x 1k in the tests,
         against 1 with four Gaussians, kernel-sum error 0.16 %).
+    wing_degree : int or None
+        Polynomial degree of one more Gaussian, of sigma = the broader PSF's
+        FWHM (pixels), for the PSF *wings* (None: none).  The widths above
+        scale with the *difference* of the two PSFs, so for two similar PSFs
+        the widest is a few pixels and the kernel cannot reshape their wings:
+        a Moffat science PSF matched to a coadd's Gaussian-cored template left
+        a ring at 2-4 FWHM around every bright star (38 false 5-sigma
+        detections on a 2k x 2k visit of a scene without variability, 13 with
+        this term).
     fallback : bool
         With too few kernel stars, use the PSF-model kernel (warning logged,
         ``kernel_source = "psf_models"``) instead of raising.
     candidate_min_snr, candidate_cell_size, max_candidates
         Kernel-candidate selection (see :func:`select_kernel_candidates`).
-    model_error : bool
-        Add the measured model-error term ``eps^2 S^2`` to the variance plane
-        (:func:`model_error_fraction`); ``eps`` is measured and reported either way.
 
     Returns
     -------
@@ -998,7 +967,10 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     b = _prepare(b_exp, bad_b, psf_b)
     bad_a |= bad_b  # from here on: unusable in either image
     sa, sb = psf_a.fwhm() / FWHM_PER_SIGMA, psf_b.fwhm() / FWHM_PER_SIGMA
-    basis = alard_lupton_basis(ksize, basis_sigmas(sa, sb, len(basis_degrees)), basis_degrees)
+    sigmas, degrees = basis_sigmas(sa, sb, len(basis_degrees)), tuple(basis_degrees)
+    if wing_degree is not None:
+        sigmas, degrees = sigmas + (max(fs, ft),), degrees + (int(wing_degree),)
+    basis = alard_lupton_basis(ksize, sigmas, degrees)
     var_factor = min(1.0, 1.0 / (4 * np.pi * max(sb**2 - sa**2, 0.25)))
     fit, source = _fit_kernel(a, b, bad_a, basis, spatial_order=kernel_spatial_order,
                               background_order=background_order, n_sigma_clip=n_sigma_clip,
@@ -1010,8 +982,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                               debias_noise=mode == "convolve_science")
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    diff, var, mask, phi, background, eps2 = _apply(a, b, fit, mode, hk, science, template,
-                                                    decorrelate, model_error)
+    diff, var, mask, phi, background = _apply(a, b, fit, mode, hk, science, template,
+                                              decorrelate)
     timings["convolution"] = time.perf_counter() - t1
     psf_diff = difference_psf(science.psf, fit.kernel, phi, mode, width=science.shape[1],
                               height=science.shape[0])
@@ -1025,22 +997,20 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     ratio = _noise_ratio(out)
     timings["total"] = time.perf_counter() - t0
     logger.info("subtraction: mode=%s kernel=%s sum=%.4f+-%.4f stamps %d/%d chi2=%.2f "
-                "noise_ratio=%.3f model_error=%.4f", mode, source, ksum, ksum_std, fit.n_used,
-                fit.n_candidates, float(np.mean(chi2)) if chi2.size else float("nan"), ratio,
-                float(np.sqrt(eps2)))
+                "noise_ratio=%.3f", mode, source, ksum, ksum_std, fit.n_used,
+                fit.n_candidates, float(np.mean(chi2)) if chi2.size else float("nan"), ratio)
     return SubtractionResult(
         difference=out, mode=mode, kernel_source=source, kernel=fit.kernel, kernel_sum=ksum,
         kernel_sum_std=ksum_std, n_candidates=fit.n_candidates, n_used=fit.n_used,
         chi2_mean=float(np.mean(chi2)) if chi2.size else float("nan"),
         chi2_std=float(np.std(chi2)) if chi2.size else float("nan"),
         background=background, background_order=fit.background_order,
-        decorrelation_kernel=phi, noise_ratio=ratio, model_error=float(np.sqrt(eps2)),
-        fwhm_science=fs, fwhm_template=ft,
+        decorrelation_kernel=phi, noise_ratio=ratio, fwhm_science=fs, fwhm_template=ft,
         timings=timings)
 
 
 def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
-           science: Exposure, template: Exposure, decorrelate: bool, model_error: bool):
+           science: Exposure, template: Exposure, decorrelate: bool):
     """Convolve, subtract, decorrelate; returns image, variance, mask, phi."""
     shape = a.shape
     kern = fit.kernel
@@ -1093,48 +1063,12 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         var = var_b + var_a
     if norm2 is not None:
         var = var / norm2
-    # the matched image of the static scene, in the difference's scale
-    scene = conv if mode == "convolve_template" else conv / ksum
     del conv
-    eps2 = model_error_fraction(diff, var, scene, fit.used_xy, hk, zero_pix)
-    if model_error and eps2 > 0:
-        var = var + np.float32(eps2) * np.maximum(scene, 0) ** 2
-    del scene
     diff = diff.astype(np.float32)
     var = var.astype(np.float32)
     diff[nan_pix] = np.nan
     var[nan_pix] = np.nan
-    return diff, var, mask, phi, background, eps2
-
-
-def model_error_fraction(diff: np.ndarray, var: np.ndarray, scene: np.ndarray, xy, half: int,
-                         bad: np.ndarray) -> float:
-    """Squared fractional model error ``eps^2`` of the subtraction at stars.
-
-    No kernel matches every star perfectly (PSF variation faster than the
-    kernel's, pixelization, the PSF models' cut-off): a static star leaves a
-    residual roughly proportional to its own profile.  Measured on the kernel
-    stars as the median over stamps of ``(sum D^2 - sum V) / sum S^2`` (``D``
-    the difference, ``V`` its variance, ``S`` the matched image of the static
-    scene, all over the ``(2 half + 1)^2`` stamp, unusable pixels left out)
-    and clipped at 0.  The caller adds ``eps^2 S^2`` to the variance, as ZOGY
-    adds its astrometric and flux-scale noise terms, so that bright stars'
-    residuals are not significant; a transient on a star of the same flux
-    needs ``eps`` of that star's flux more to be detected.
-    """
-    ny, nx = diff.shape
-    vals = []
-    for x, y in np.asarray(xy, int).reshape(-1, 2):
-        sl = (slice(max(y - half, 0), min(y + half + 1, ny)),
-              slice(max(x - half, 0), min(x + half + 1, nx)))
-        good = ~bad[sl]
-        s2 = float((scene[sl][good].astype(np.float64) ** 2).sum())
-        if s2 > 0:
-            d2 = float((diff[sl][good].astype(np.float64) ** 2).sum())
-            vals.append((d2 - float(var[sl][good].sum())) / s2)
-    if len(vals) < 5:
-        return 0.0
-    return max(float(np.median(vals)), 0.0)
+    return diff, var, mask, phi, background
 
 
 def residual_background(resid: np.ndarray, good: np.ndarray, order: int, *, box: int = 64,

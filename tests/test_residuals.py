@@ -1,0 +1,137 @@
+"""Systematic residuals at static sources (diffim.residuals) and their use in detection."""
+
+import numpy as np
+import pytest
+
+from diffim import detect
+from diffim.exposure import Exposure
+from diffim.psf import FWHM_PER_SIGMA, PsfModel, gaussian_kernel
+from diffim.residuals import Systematics, filtered_noise_correlation
+
+N, K, FWHM, SKY_VAR = 768, 25, 4.0, 100.0
+
+
+def _place(img, kernel, x, y, flux):
+    h = kernel.shape[0] // 2
+    ix, iy = int(round(x)), int(round(y))
+    img[iy - h:iy + h + 1, ix - h:ix + h + 1] += flux * kernel
+
+
+def make_scene(*, eps=0.0, delta=0.0, seed=0, n_stars=250, variable=None, transients=()):
+    """A white-noise difference with residuals ``a_i P + b_i . dP`` at each static star.
+
+    ``a_i ~ N(0, eps)`` (fraction of the star's flux) and ``b_i ~ N(0, delta)`` px
+    per axis; ``variable = (index, amplitude)`` gives one star a large ``a``;
+    ``transients`` are ``(x, y, flux)`` added to the difference only.
+    Returns the difference exposure, the scene (template) and the star table.
+    """
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(40, N - 40, n_stars)
+    ys = rng.uniform(40, N - 40, n_stars)
+    # peak S/N of the PSF-filtered scene from ~30 to ~6000
+    flux = 10 ** rng.uniform(3.3, 5.6, n_stars)
+    a = rng.normal(0, eps, n_stars) if eps else np.zeros(n_stars)
+    b = rng.normal(0, delta, (n_stars, 2)) if delta else np.zeros((n_stars, 2))
+    if variable is not None:
+        a[variable[0]] = variable[1]
+    scene = np.zeros((N, N))
+    diff = rng.normal(0, np.sqrt(SKY_VAR), (N, N))
+    step = 1e-3
+    for x, y, f, ai, (bx, by) in zip(xs, ys, flux, a, b):
+        dx, dy = x - round(x), y - round(y)
+        p = gaussian_kernel(FWHM, K, dx=dx, dy=dy)
+        # d/dx0 of the PSF centred at x0: a shift of the star by (bx, by)
+        px = (gaussian_kernel(FWHM, K, dx=dx + step, dy=dy)
+              - gaussian_kernel(FWHM, K, dx=dx - step, dy=dy)) / (2 * step)
+        py = (gaussian_kernel(FWHM, K, dx=dx, dy=dy + step)
+              - gaussian_kernel(FWHM, K, dx=dx, dy=dy - step)) / (2 * step)
+        _place(scene, p, x, y, f)
+        _place(diff, ai * p + bx * px + by * py, x, y, f)
+    for x, y, f in transients:
+        _place(diff, gaussian_kernel(FWHM, K, dx=x - round(x), dy=y - round(y)), x, y, f)
+    exp = Exposure(diff, np.full((N, N), SKY_VAR), np.zeros((N, N), np.int32),
+                   psf=PsfModel.gaussian(FWHM, K, N, N))
+    return exp, scene.astype(np.float32), (xs, ys, flux)
+
+
+def test_filtered_noise_correlation_of_white_noise_is_gaussian():
+    """White noise through a Gaussian of sigma s: correlation exp(-l^2 / (4 s^2))."""
+    s = 2.0
+    h = gaussian_kernel(s * FWHM_PER_SIGMA, 31)
+    rho = np.zeros((5, 5))
+    rho[2, 2] = 1.0
+    got = filtered_noise_correlation(h, rho, 6)
+    lag = np.arange(-6, 7)
+    expect = np.exp(-(lag[:, None] ** 2 + lag[None, :] ** 2) / (4 * s * s))
+    assert np.abs(got - expect).max() < 2e-3   # sampling of the discrete Gaussian
+
+
+def test_no_systematics_measured_on_pure_noise():
+    diff, scene, _ = make_scene(seed=1)
+    sys = detect.noise_terms(diff, scene).systematics
+    assert sys.n_sources > 50
+    # noise alone: a few 1e-4 at most (the brightest stars constrain eps to ~2e-4)
+    assert sys.scale_error < 1.5e-3 and sys.shift_error < 5e-3
+
+
+@pytest.mark.parametrize("eps, delta", [(0.01, 0.0), (0.0, 0.03), (0.01, 0.03)])
+def test_injected_systematics_recovered(eps, delta):
+    diff, scene, _ = make_scene(eps=eps, delta=delta, seed=2)
+    sys = detect.noise_terms(diff, scene).systematics
+    # ~100 informative stars: an RMS is measured to ~10 %; 25 % allows the noise
+    # floor of the fainter ones and the crude starting point of the clipping
+    assert sys.scale_error == pytest.approx(eps, abs=0.25 * max(eps, 0.004))
+    assert sys.shift_error == pytest.approx(delta, abs=0.25 * max(delta, 0.02))
+
+
+def test_variable_star_left_out_of_the_measurement():
+    diff, scene, (xs, ys, flux) = make_scene(eps=0.01, seed=3)
+    brightest = int(np.argmax(flux))
+    with_var, _, _ = make_scene(eps=0.01, seed=3, variable=(brightest, 0.3))
+    a = detect.noise_terms(diff, scene).systematics
+    b = detect.noise_terms(with_var, scene).systematics
+    assert b.scale_error == pytest.approx(a.scale_error, rel=0.05)
+    # ... and it is still detected, at a significance far above threshold
+    src = detect.detect_dia_sources(with_var, scene=scene)
+    d = np.hypot(src["x"] - xs[brightest], src["y"] - ys[brightest])
+    assert (d < 2).any() and src["snr"][d < 2].max() > 20
+
+
+def test_detection_ignores_star_residuals_and_keeps_transients():
+    rng = np.random.default_rng(9)
+    # transients in empty sky at filtered S/N ~ 8: flux = 8 sqrt(var) / sqrt(sum P^2)
+    f8 = 8 * np.sqrt(SKY_VAR) * np.sqrt(4 * np.pi * (FWHM / FWHM_PER_SIGMA) ** 2)
+    tr = [(x, y, f8) for x, y in rng.uniform(60, N - 60, (24, 2))]
+    diff, scene, (xs, ys, _) = make_scene(eps=0.01, delta=0.03, seed=4, transients=tr)
+    near_star = lambda s: np.hypot(s["x"].to_numpy()[:, None] - xs,  # noqa: E731
+                                   s["y"].to_numpy()[:, None] - ys).min(axis=1) < 8
+    plain = detect.detect_dia_sources(diff)
+    assert near_star(plain).sum() > 20          # 1 % residuals at S/N > 1000 stars
+    noise = detect.noise_terms(diff, scene)
+    src = detect.detect_dia_sources(diff, noise=noise, scene=scene)
+    at_tr = np.hypot(src["x"].to_numpy()[:, None] - np.array(tr)[:, 0],
+                     src["y"].to_numpy()[:, None] - np.array(tr)[:, 1]).min(axis=1) < 2
+    # every transient that is not on top of a star is found, at its S/N
+    clear = [t for t in tr if np.hypot(xs - t[0], ys - t[1]).min() > 15]
+    assert at_tr.sum() >= len(clear) >= 8
+    assert np.median(src["snr"][at_tr]) == pytest.approx(8.0, abs=1.0)
+    # at most a couple of residuals of the worst stars (3-4 sigma outliers of a_i, b_i)
+    assert (near_star(src) & ~at_tr).sum() <= 2
+
+
+def test_flux_error_has_the_systematic_term():
+    diff, scene, (xs, ys, flux) = make_scene(eps=0.01, seed=5)
+    i = int(np.argmax(flux))
+    noise = detect.noise_terms(diff, scene)
+    _, stat = detect.forced_psf_photometry(diff, [xs[i]], [ys[i]], noise=noise)
+    _, tot = detect.forced_psf_photometry(diff, [xs[i]], [ys[i]], noise=noise, scene=scene)
+    sys_err = np.sqrt(tot[0] ** 2 - stat[0] ** 2)
+    # at a star's centre the term is eps x its flux (the gradient term vanishes there);
+    # 5 % for the nearest-pixel evaluation of the filtered scene
+    assert sys_err == pytest.approx(noise.systematics.scale_error * flux[i], rel=0.05)
+
+
+def test_header_round_trip():
+    s = Systematics(scale_error=0.012, shift_error=0.03, n_sources=77)
+    assert Systematics.from_meta(s.header_cards()) == s
+    assert Systematics.from_meta({}) == Systematics() and not Systematics().active
