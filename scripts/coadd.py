@@ -91,7 +91,7 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
                  fits.ImageHDU(np.zeros(shape, np.float32), name="WEIGHTSUM")]
         logger.warning("coadd %s %s: no usable input visit", band, patch)
     psf = PsfModel.model(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
-                            width=shape[1], height=shape[0])
+                          width=shape[1], height=shape[0])
     meta = dict(BAND=band, PATCH=patch, BUNIT="nJy", NINPUTS=len(paths),
                 MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"],
                 CLIPSIG=float(coadd_cfg["clip_sigma"]), CLIPREL=float(coadd_cfg["clip_rel"]))

@@ -142,6 +142,7 @@ def _ratio(num, den, bad) -> np.ndarray:
     root = np.sqrt(den, where=ok, out=np.zeros_like(den))
     return np.divide(num, root, out=np.zeros(num.shape, dtype=np.float32), where=ok)
 
+
 def label_peaks(sig: np.ndarray, threshold: float):
     """Regions ``sig > threshold``: peak value, peak (y, x) and bounding-box size each."""
     labels, n = ndimage.label(sig > threshold, structure=np.ones((3, 3)))
@@ -405,10 +406,14 @@ class Significance:
         The same without ``V_sys``.  Peaks and centroids are taken on it: a
         variable star's ``image`` peaks on a ring where ``V_sys`` stops
         dominating, not at the star.
+    systematic : ndarray (ny, nx) float32 or None
+        ``V_sys`` itself (None without systematic terms); measurement adds
+        it to the PSF-flux errors.
     """
 
     image: np.ndarray
     statistical: np.ndarray
+    systematic: np.ndarray | None = None
 
 
 def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
@@ -433,7 +438,8 @@ def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
     if sys_variance is None:
         return Significance(image=stat, statistical=stat)
     den += sys_variance
-    return Significance(image=_ratio(num, den, bad), statistical=stat)
+    return Significance(image=_ratio(num, den, bad), statistical=stat,
+                        systematic=sys_variance)
 
 
 def detection_significance(diff: Exposure, noise: NoiseTerms | None = None,
@@ -719,7 +725,9 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     scene : ndarray, optional
         The static scene (template) on the same grid: with it, the systematic
         residual terms of ``noise`` (measured here when ``noise`` is not
-        given) enter the significance and the PSF-flux errors.
+        given) enter the significance and the PSF-flux errors.  With
+        ``significance`` given, its :attr:`Significance.systematic` is used
+        instead (computed once).
 
     Returns
     -------
@@ -736,9 +744,9 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     max_sep = 2.0 * fwhm if dipole_max_sep_px is None else float(dipole_max_sep_px)
     radius = fwhm if flag_radius_px is None else float(flag_radius_px)
     bad = _bad_pixels(diff)
-    sys_var = systematic_variance_map(noise, scene)
     if significance is None:
-        significance = significance_maps(diff, noise, sys_variance=sys_var)
+        significance = significance_maps(diff, noise, scene)
+    sys_var = significance.systematic
     if significance.image.shape != diff.shape:
         raise ValueError(f"significance {significance.image.shape} and difference "
                          f"{diff.shape} differ in shape")

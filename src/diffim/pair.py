@@ -164,7 +164,7 @@ def subtract_pair(science: np.ndarray, reference: np.ndarray, *, gain: float = 1
     noise = detect.noise_terms(sub.difference, ref.image)
     sig = detect.significance_maps(sub.difference, noise, ref.image)
     sources = detect.detect_dia_sources(sub.difference, threshold=threshold, noise=noise,
-                                        significance=sig, scene=ref.image)
+                                        significance=sig)
     t3 = time.perf_counter()
     diff, sources = _to_adu(sub.difference, sources, gain)
     timings = {"characterize": t1 - t0, "subtract": t2 - t1, "detect": t3 - t2,

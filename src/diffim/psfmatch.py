@@ -111,7 +111,7 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
     patch_scale = pixel_scale_arcsec(patch_wcs)
     psf = PsfModel.model(model_fwhm_arcsec / patch_scale, size,
-                            width=patch_shape[1], height=patch_shape[0])
+                          width=patch_shape[1], height=patch_shape[0])
     meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")
             if k in calexp.meta}
     meta.update(BUNIT="nJy", XOFFSET=x0, YOFFSET=y0, MODELFWH=model_fwhm_arcsec,

@@ -57,12 +57,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import ndimage, signal
+from scipy import signal
 
 from . import masks
 from .errors import InsufficientKernelSourcesError
 from .exposure import Exposure
-from .kernel import FourierImage, bin_sum, dilate, fft_convolve
+from .kernel import FourierImage, dilate, fft_convolve
 from .psf import FWHM_PER_SIGMA, PsfModel, n_poly_terms, poly_terms
 
 logger = logging.getLogger(__name__)

@@ -98,7 +98,7 @@ def template_psf(model_fwhm_arcsec: float, pixel_scale_arcsec: float, kernel_siz
                  shape) -> PsfModel:
     """The coadd model PSF (circular Gaussian) expressed in visit pixels."""
     return PsfModel.model(model_fwhm_arcsec / pixel_scale_arcsec, kernel_size,
-                             width=shape[1], height=shape[0])
+                           width=shape[1], height=shape[0])
 
 
 def stitch_template(patches: list[Exposure], visit_wcs, visit_shape, psf: PsfModel) -> Exposure:
