@@ -61,32 +61,57 @@ def test_completeness(scene):
     assert np.array_equal(cat.isNegative[ok].to_numpy(), neg_true)
 
 
-def test_flux_accuracy_and_pulls(scene, request):
+def test_flux_accuracy_and_centroids(scene):
     diff, truth, cat = scene
-    if request.node.callspec.params["scene"] == "convolve_science":
-        # Known gap (issue 4, docs/quality.md): with the correlated-noise detection
-        # filter, forced-photometry errors on this synthetic convolve-science scene
-        # come out ~15 % too large (pull robust std 0.86).  Strict: it fails loudly
-        # once fixed, so the marker is removed then.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="forced-photometry errors "
-                                              "~15% too large in convolve_science mode"))
     ok, idx = _match(cat, truth)
     m = cat[ok]
     tf = truth["flux"][idx[ok]]
     bright = np.abs(tf) / m.psfFluxErr > 20
     assert bright.sum() > 50
     assert abs(np.median(m.psfFlux[bright] / tf[bright]) - 1) < 0.02     # requirement
-    pull = (m.psfFlux - tf) / m.psfFluxErr
-    assert _robust_std(pull) == pytest.approx(1.0, abs=0.1)             # requirement
-    # forced photometry at the true positions: unbiased errors too
+    # forced photometry at the true positions: no background offset
     f, e = det.forced_psf_photometry(diff, truth["x"], truth["y"])
-    fpull = (f - truth["flux"]) / e
-    assert _robust_std(fpull) == pytest.approx(1.0, abs=0.1)
-    assert abs(np.median(fpull)) < 0.25      # background residual ~0.1 sigma at most
+    assert abs(np.median((f - truth["flux"]) / e)) < 0.25   # background residual ~0.1 sigma
     # centroids: detected positions within 0.3 px (rms) of the truth for S/N > 20
     dx = m.x[bright] - truth["x"][idx[ok]][bright]
     dy = m.y[bright] - truth["y"][idx[ok]][bright]
     assert np.sqrt(np.mean(dx**2 + dy**2)) < 0.3
+
+
+@pytest.mark.parametrize("mode", ["convolve_template", "convolve_science"])
+def test_pulls_pooled_over_pairs(mode):
+    """Flux errors are right: pull robust std 1.0 +- 0.1, on ~480 detections.
+
+    One pair holds only ~135 transients at S/N >= 10, and the MAD-based
+    robust std of that many pulls scatters by 1.17 / sqrt(n) ~ 0.10 from pair
+    to pair (0.85-1.19 over seeds 3-10 of the science-sharper pair, pooled
+    1.03): a single pair cannot resolve the +-0.1 requirement.  Four pairs
+    (seeds 11-14, not the fixture's) bring the scatter to 0.05 for the robust
+    std and 0.035 for the 4-sigma-clipped std, which is held to the same bound.
+    Measured: detection pulls 1.05 / 1.05 (robust), 0.97 / 1.03 (clipped);
+    forced pulls 1.04 / 1.06 and 0.97 / 1.02 (template / science convolved).
+    """
+    from astropy.stats import sigma_clipped_stats
+    det_pulls, forced_pulls = [], []
+    for seed in (11, 12, 13, 14):
+        if mode == "convolve_template":
+            sci, tmpl, truth = make_pair(seed=seed)
+        else:
+            sci, tmpl, truth = make_pair(seed=seed, sci_fwhm=3.0, dfwhm=0.3, tmpl_fwhm=4.0)
+        res = sub.subtract_images(sci, tmpl)
+        assert res.mode == mode
+        noise = det.noise_terms(res.difference)
+        cat = det.detect_dia_sources(res.difference, noise=noise)
+        ok, idx = _match(cat, truth)
+        m, tf = cat[ok], truth["flux"][idx[ok]]
+        hi = np.abs(tf) / m.psfFluxErr >= 10        # no selection bias at S/N >= 10
+        det_pulls.append(((m.psfFlux - tf) / m.psfFluxErr)[hi])
+        f, e = det.forced_psf_photometry(res.difference, truth["x"], truth["y"], noise=noise)
+        forced_pulls.append((f - truth["flux"]) / e)
+    for pulls in (np.concatenate(det_pulls), np.concatenate(forced_pulls)):
+        assert pulls.size > 400
+        assert _robust_std(pulls) == pytest.approx(1.0, abs=0.1)           # requirement
+        assert sigma_clipped_stats(pulls, sigma=4)[2] == pytest.approx(1.0, abs=0.1)
 
 
 def _noise_counts(diff, thresholds):

@@ -194,9 +194,12 @@ def test_or_window_with_fill():
 def test_match_exposure_masks_and_nan():
     psf = PsfModel.constant(visit_psf(3.0), width=120, height=100)
     target = gaussian_kernel(MODEL_FWHM, K)
-    exposure = exposure_with_stars(psf, [(60, 50)])
+    exposure = exposure_with_stars(psf, [(60, 50), (95, 30)])
     exposure.image[20, 30] = np.nan                   # NaN without a mask bit
-    exposure.mask[70, 90] |= bit("BAD")
+    exposure.mask[70, 90] |= bit("BAD")               # on empty sky
+    exposure.image[70, 90] = 5e4                      # garbage under BAD
+    exposure.mask[30, 95] |= bit("BAD")               # at the centre of a star
+    exposure.image[30, 95] = 0.0
     exposure.mask[80, 20] |= bit("NO_DATA")
     exposure.image[80, 20] = 1e30                     # garbage under NO_DATA
     kernel = matching_kernel_model(psf, target)
@@ -205,7 +208,18 @@ def test_match_exposure_masks_and_nan():
     matched = match_exposure(exposure, target, kernel_model=kernel)
     nodata = (matched.mask & bit("NO_DATA")) != 0
     bad = (matched.mask & bit("BAD")) != 0
-    assert bad.sum() == (2 * h + 1) ** 2 and bad[70 - h:71 + h, 90 - h:91 + h].all()
+    # a BAD pixel is inpainted, not grown by the footprint: on empty sky its
+    # estimate (0) is exact and only the pixel itself keeps the bit ...
+    assert bad[60:81, 80:101].sum() == 1 and bad[70, 90]
+    assert np.abs(matched.image[65:76, 85:96]).max() < 1e-6      # garbage did not leak
+    # ... on a star the estimate is off (the peak pixel lost 6 % of the flux):
+    # the bit covers every pixel that error moved by more than 0.1 sigma
+    clean = exposure_with_stars(psf, [(60, 50), (95, 30)])
+    truth = match_exposure(clean, target, kernel_model=kernel)
+    sigma = np.sqrt(truth.variance)
+    moved = np.abs(np.nan_to_num(matched.image - truth.image)) > 0.1 * sigma
+    moved[60:81, 80:101] = False                   # (the sky pixel, checked above)
+    assert moved.sum() > 5 and bad[moved].all()
     assert nodata[20 - h:21 + h, 30 - h:31 + h].all()
     assert nodata[80 - h:81 + h, 20 - h:21 + h].all()
     assert nodata[:h].all() and nodata[:, -h:].all() and not nodata[h:-h, h:-h].all()

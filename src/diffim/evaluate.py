@@ -377,6 +377,18 @@ def robust_std(values) -> float:
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
+#: Sampling error of :func:`robust_std` for n Gaussian values: this / sqrt(n)
+#: times the value (the MAD's asymptotic efficiency is 37 %).
+ROBUST_STD_ERROR = 1.1664
+
+
+def robust_std_error(values) -> float:
+    """Standard error of :func:`robust_std` of the finite values, Gaussian case."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return float(ROBUST_STD_ERROR * robust_std(v) / np.sqrt(v.size)) if v.size else float("nan")
+
+
 def completeness_curve(values, detected, edges) -> dict:
     """Completeness in bins of ``values`` (e.g. expected S/N or magnitude).
 
@@ -465,13 +477,15 @@ def _flux(truth: pd.DataFrame, bias_min_snr: float, pull_min_snr: float) -> dict
            "bias_median": _num(np.median(frac[b])) if b.any() else None,
            "pull_min_snr": pull_min_snr, "n_pull": int(p.sum()),
            "pull_median": _num(np.nanmedian(pull[p])) if p.any() else None,
-           "pull_robust_std": _num(robust_std(pull[p])) if p.any() else None}
+           "pull_robust_std": _num(robust_std(pull[p])) if p.any() else None,
+           "pull_robust_std_err": _num(robust_std_error(pull[p])) if p.any() else None}
     if {"forcedFlux", "forcedFluxErr"} <= set(truth.columns):
         with np.errstate(divide="ignore", invalid="ignore"):
             fpull = ((truth["forcedFlux"] - truth["expected_flux_njy"])
                      / truth["forcedFluxErr"]).to_numpy(float)
         out["forced_pull_median"] = _num(np.nanmedian(fpull)) if np.isfinite(fpull).any() else None
         out["forced_pull_robust_std"] = _num(robust_std(fpull))
+        out["forced_pull_robust_std_err"] = _num(robust_std_error(fpull))
         out["n_forced"] = int(np.isfinite(fpull).sum())
     return out
 
