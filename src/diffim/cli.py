@@ -172,13 +172,65 @@ def evaluation_inputs(outdir: Path, truth_dir: Path):
         raise InputError(f"{outdir}: no successful difference image to evaluate "
                          "(no diff/*.status.json with status ok).")
     fluxes = read_table(truth_dir / "variable_fluxes.parquet")
-    expected = expected_difference_flux(fluxes, read_table(outdir / "coadd_inputs.parquet"),
-                                        pd.concat(coverage), leave_one_out=loo)
+    coadd_inputs = read_table(outdir / "coadd_inputs.parquet")
+    coverage = pd.concat(coverage)
+    expected = expected_difference_flux(fluxes, coadd_inputs, coverage, leave_one_out=loo)
     per_visit = pd.concat(diffs).drop(columns=["covered"])
     expected = per_visit.merge(expected, on=["visit", "id"]).merge(
         variables[["id", "ra", "dec"]], on="id")
+    # where the coadd holds other inputs than the truth model assumes, the
+    # expected flux is only approximate: scored apart (evaluate.summarise)
+    known = _templates_known(outdir, variables, coadd_inputs, coverage)
+    expected = expected.merge(known, on=["band", "id"], how="left")
+    expected["template_known"] = expected["template_known"].fillna(False).astype(bool)
     return (read_table(outdir / "dia_sources.parquet"), expected,
             read_table(truth_dir / "static_sources.parquet"), pd.DataFrame(visit_rows))
+
+
+def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
+    """``band, id, template_known`` (:func:`diffim.evaluate.template_known`) per coadd band.
+
+    A source counts in the first patch of its band (sorted by name) that
+    holds it ``radius`` (the model PSF's FWHM, at least 2 px) inside its border.
+    """
+    import numpy as np
+    import pandas as pd
+    from astropy.io import fits
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    from .evaluate import template_known
+    from .io import header_wcs
+
+    inc = coadd_inputs[coadd_inputs["included"].astype(bool) & (coadd_inputs["weight"] > 0)]
+    cov = coverage[coverage["covered"].astype(bool)][["visit", "id"]].drop_duplicates()
+    rows = []
+    for band in sorted(inc["band"].unique()):
+        w = inc[inc["band"] == band].groupby("visit", as_index=False)["weight"].mean()
+        total = cov.merge(w, on="visit").groupby("id")["weight"].sum()
+        expect = total.reindex(variables["id"]).fillna(0.0).to_numpy()
+        done = np.zeros(len(variables), bool)
+        for path in sorted((outdir / "coadd" / str(band)).glob("*/coadd.fits")):
+            with fits.open(path, memmap=True) as hdul:
+                if "WEIGHTSUM" not in hdul:
+                    continue
+                wcs = header_wcs(hdul["IMAGE"].header, path)
+                scale = float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0   # arcsec / px
+                radius = max(int(np.ceil(float(hdul[0].header.get("MODELFWH", 0.0)) / scale)), 2)
+                ws = np.asarray(hdul["WEIGHTSUM"].data, np.float64)
+            x, y = wcs.world_to_pixel_values(variables["ra"].to_numpy(float),
+                                             variables["dec"].to_numpy(float))
+            ny, nx = ws.shape
+            inside = ((x >= radius) & (y >= radius) & (x < nx - radius - 1)
+                      & (y < ny - radius - 1) & ~done)
+            ok = template_known(ws, np.where(inside, x, np.nan), np.where(inside, y, np.nan),
+                                expect, radius=radius)
+            rows.append(pd.DataFrame({"band": band, "id": variables["id"].to_numpy()[inside],
+                                      "template_known": ok[inside]}))
+            done |= inside
+    if not rows:
+        return pd.DataFrame({"band": pd.Series(dtype=str), "id": pd.Series(dtype=np.int64),
+                             "template_known": pd.Series(dtype=bool)})
+    return pd.concat(rows, ignore_index=True)
 
 
 def _exposure_truth_coverage(calexp, variables, visit, detector):

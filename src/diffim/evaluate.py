@@ -161,6 +161,50 @@ def expected_difference_flux(variable_fluxes: pd.DataFrame, coadd_inputs: pd.Dat
     return out.drop(columns=["sw", "swf", "ow", "owf"])
 
 
+def template_known(weight_sum: np.ndarray, x, y, expected_weight, *, radius: int,
+                   rtol: float = 1e-3) -> np.ndarray:
+    """Whether the coadd holds the inputs the truth model assumes around each source.
+
+    :func:`expected_difference_flux` takes a source's template flux as the
+    weighted mean over every included input that covers it.  The coadd drops
+    inputs pixel by pixel (masked defects, clipping, a warp's border), and
+    then the real template is a different mean, or a mixture of several
+    across the PSF.  A source's template is *known* when the coadd's
+    ``WEIGHTSUM`` over the box of half-width ``radius`` around it is uniform
+    and equal to ``expected_weight`` (both to ``rtol``).
+
+    Parameters
+    ----------
+    weight_sum : ndarray (ny, nx)
+        Sum of the weights of the inputs used in each coadd pixel.
+    x, y : array-like
+        0-based pixel positions of the sources in the coadd.
+    expected_weight : array-like
+        Sum of the weights of the included inputs that cover each source.
+    radius : int
+        Half-width of the box (pixels), about the PSF's FWHM.
+
+    Returns
+    -------
+    ndarray of bool
+        False also for sources within ``radius`` of the coadd's border.
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    expected_weight = np.asarray(expected_weight, float)
+    ny, nx = weight_sum.shape
+    out = np.zeros(x.shape, bool)
+    for i, (xi, yi, wi) in enumerate(zip(x, y, expected_weight)):
+        if not (np.isfinite(xi) and np.isfinite(yi) and wi > 0):
+            continue
+        ix, iy = int(round(xi)), int(round(yi))
+        if ix < radius or iy < radius or ix >= nx - radius or iy >= ny - radius:
+            continue
+        box = weight_sum[iy - radius:iy + radius + 1, ix - radius:ix + radius + 1]
+        lo, hi = float(np.nanmin(box)), float(np.nanmax(box))
+        out[i] = hi - lo <= rtol * wi and abs(hi - wi) <= rtol * wi
+    return out
+
+
 # --------------------------------------------------------------------------
 # matching
 # --------------------------------------------------------------------------
@@ -515,12 +559,21 @@ def summarise(truth: pd.DataFrame, dia: pd.DataFrame, visits: pd.DataFrame, *,
               snr_bins=SNR_BINS, mag_bins=MAG_BINS, snr_thresholds=(5.5, 10.0),
               bias_min_snr: float = 20.0, pull_min_snr: float = 10.0,
               astrometry_min_snr: float = 10.0) -> dict:
-    """Scores of one subset (outputs of :func:`evaluate_detections`)."""
-    return {"n_visits": int(len(visits)),
-            "completeness": _completeness(truth, snr_bins, mag_bins, snr_thresholds),
-            "false_positives": _false_positives(dia, visits),
-            "flux": _flux(truth, bias_min_snr, pull_min_snr),
-            "astrometry": _astrometry(truth, astrometry_min_snr)}
+    """Scores of one subset (outputs of :func:`evaluate_detections`).
+
+    With a ``template_known`` column in ``truth`` (:func:`template_known`),
+    ``flux_template_known`` repeats the flux scores on those rows alone.
+    """
+    out = {"n_visits": int(len(visits)),
+           "completeness": _completeness(truth, snr_bins, mag_bins, snr_thresholds),
+           "false_positives": _false_positives(dia, visits),
+           "flux": _flux(truth, bias_min_snr, pull_min_snr),
+           "astrometry": _astrometry(truth, astrometry_min_snr)}
+    if "template_known" in truth.columns:   # (:func:`template_known`)
+        known = truth[truth["template_known"].astype(bool)]
+        out["flux_template_known"] = dict(_flux(known, bias_min_snr, pull_min_snr),
+                                          n_rows=int(len(known)), n_rows_all=int(len(truth)))
+    return out
 
 
 def score(dia: pd.DataFrame, expected: pd.DataFrame, static_sources: pd.DataFrame | None,
