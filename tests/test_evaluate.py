@@ -224,3 +224,11 @@ def test_template_known_flags_partial_and_missing_inputs():
     assert got.tolist() == [True, False, False, False, False]
     # a source wholly inside the dropped band is known when the truth expects that
     assert template_known(ws, [50], [30], [0.8], radius=4).tolist() == [True]
+
+
+def test_isolated():
+    from diffim.evaluate import isolated
+    ra = np.array([10.0, 10.0 + 1.5 / 3600, 10.1, 10.2])
+    dec = np.zeros(4)
+    assert isolated(ra, dec, 2.0).tolist() == [False, False, True, True]
+    assert isolated(ra, dec, 1.0).tolist() == [True, True, True, True]

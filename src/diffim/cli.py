@@ -142,11 +142,16 @@ def _exposure_truth(exposure, variables, visit, detector, band, mjd):
 
 
 def evaluation_inputs(outdir: Path, truth_dir: Path):
-    """Read a run and its truth; return ``(dia, expected, static, visit_table)``."""
+    """Read a run and its truth; return ``(dia, expected, static, visit_table)``.
+
+    ``expected`` has one row per (visit, variable) with the expected
+    difference flux, and ``clean``: the truth model holds there (the
+    template has the inputs it assumes, and no other variable is blended).
+    """
     import pandas as pd
 
     from .errors import InputError
-    from .evaluate import expected_difference_flux
+    from .evaluate import expected_difference_flux, isolated
     from .io import read_exposure, read_json, read_table
 
     variables = read_table(truth_dir / "variables.parquet")
@@ -178,11 +183,15 @@ def evaluation_inputs(outdir: Path, truth_dir: Path):
     per_visit = pd.concat(diffs).drop(columns=["covered"])
     expected = per_visit.merge(expected, on=["visit", "id"]).merge(
         variables[["id", "ra", "dec"]], on="id")
-    # where the coadd holds other inputs than the truth model assumes, the
-    # expected flux is only approximate: scored apart (evaluate.summarise)
-    known = _templates_known(outdir, variables, coadd_inputs, coverage)
-    expected = expected.merge(known, on=["band", "id"], how="left")
-    expected["template_known"] = expected["template_known"].fillna(False).astype(bool)
+    # where the coadd holds other inputs than the truth model assumes, or
+    # another variable blends in, the expected flux is only approximate: such
+    # rows are scored apart (evaluate.summarise)
+    known, fwhm_arcsec = _templates_known(outdir, variables, coadd_inputs, coverage)
+    alone = variables[["id"]].assign(
+        alone=isolated(variables["ra"], variables["dec"], 2.0 * fwhm_arcsec))
+    expected = expected.merge(known, on=["band", "id"], how="left").merge(alone, on="id")
+    template_ok = expected.pop("template_known").fillna(False).astype(bool)
+    expected["clean"] = template_ok & expected.pop("alone").astype(bool)
     return (read_table(outdir / "dia_sources.parquet"), expected,
             read_table(truth_dir / "static_sources.parquet"), pd.DataFrame(visit_rows))
 
@@ -191,7 +200,8 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
     """``band, id, template_known`` (:func:`diffim.evaluate.template_known`) per coadd band.
 
     A source counts in the first patch of its band (sorted by name) that
-    holds it ``radius`` (the model PSF's FWHM, at least 2 px) inside its border.
+    holds it ``radius`` (the model PSF's FWHM, at least 2 px) inside its
+    border.  Returns the table and the largest model-PSF FWHM (arcsec).
     """
     import numpy as np
     import pandas as pd
@@ -203,7 +213,7 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
 
     inc = coadd_inputs[coadd_inputs["included"].astype(bool) & (coadd_inputs["weight"] > 0)]
     cov = coverage[coverage["covered"].astype(bool)][["visit", "id"]].drop_duplicates()
-    rows = []
+    rows, fwhm_max = [], 0.0
     for band in sorted(inc["band"].unique()):
         w = inc[inc["band"] == band].groupby("visit", as_index=False)["weight"].mean()
         total = cov.merge(w, on="visit").groupby("id")["weight"].sum()
@@ -215,7 +225,9 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
                     continue
                 wcs = header_wcs(hdul["IMAGE"].header, path)
                 scale = float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0   # arcsec / px
-                radius = max(int(np.ceil(float(hdul[0].header.get("MODELFWH", 0.0)) / scale)), 2)
+                fwhm = float(hdul[0].header.get("MODELFWH", 0.0))
+                fwhm_max = max(fwhm_max, fwhm)
+                radius = max(int(np.ceil(fwhm / scale)), 2)
                 ws = np.asarray(hdul["WEIGHTSUM"].data, np.float64)
             x, y = wcs.world_to_pixel_values(variables["ra"].to_numpy(float),
                                              variables["dec"].to_numpy(float))
@@ -229,8 +241,8 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
             done |= inside
     if not rows:
         return pd.DataFrame({"band": pd.Series(dtype=str), "id": pd.Series(dtype=np.int64),
-                             "template_known": pd.Series(dtype=bool)})
-    return pd.concat(rows, ignore_index=True)
+                             "template_known": pd.Series(dtype=bool)}), fwhm_max
+    return pd.concat(rows, ignore_index=True), fwhm_max
 
 
 def _exposure_truth_coverage(calexp, variables, visit, detector):

@@ -219,6 +219,19 @@ def _pairs_within(ra1, dec1, ra2, dec2, radius_arcsec: float):
     return sdm["i"][order], sdm["j"][order], chord_to_arcsec(sdm["v"][order])
 
 
+def isolated(ra, dec, radius_arcsec: float) -> np.ndarray:
+    """True for the positions with no other position within ``radius_arcsec``.
+
+    A variable blended with another one has a difference flux that is the
+    sum of both changes, which the per-source truth model does not predict.
+    """
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    i, j, _ = _pairs_within(ra, dec, ra, dec, radius_arcsec)
+    out = np.ones(ra.size, bool)
+    out[i[i != j]] = False
+    return out
+
+
 def greedy_one_to_one(i, j, n_i: int) -> np.ndarray:
     """Greedy matching of sorted candidate pairs: ``match[i] = j`` or -1.
 
@@ -561,18 +574,19 @@ def summarise(truth: pd.DataFrame, dia: pd.DataFrame, visits: pd.DataFrame, *,
               astrometry_min_snr: float = 10.0) -> dict:
     """Scores of one subset (outputs of :func:`evaluate_detections`).
 
-    With a ``template_known`` column in ``truth`` (:func:`template_known`),
-    ``flux_template_known`` repeats the flux scores on those rows alone.
+    With a ``clean`` column in ``truth`` (rows whose expected flux the truth
+    model gets right: :func:`template_known` and :func:`isolated`),
+    ``flux_clean`` repeats the flux scores on those rows alone.
     """
     out = {"n_visits": int(len(visits)),
            "completeness": _completeness(truth, snr_bins, mag_bins, snr_thresholds),
            "false_positives": _false_positives(dia, visits),
            "flux": _flux(truth, bias_min_snr, pull_min_snr),
            "astrometry": _astrometry(truth, astrometry_min_snr)}
-    if "template_known" in truth.columns:   # (:func:`template_known`)
-        known = truth[truth["template_known"].astype(bool)]
-        out["flux_template_known"] = dict(_flux(known, bias_min_snr, pull_min_snr),
-                                          n_rows=int(len(known)), n_rows_all=int(len(truth)))
+    if "clean" in truth.columns:
+        clean = truth[truth["clean"].astype(bool)]
+        out["flux_clean"] = dict(_flux(clean, bias_min_snr, pull_min_snr),
+                                 n_rows=int(len(clean)), n_rows_all=int(len(truth)))
     return out
 
 
