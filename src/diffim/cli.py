@@ -206,16 +206,16 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
     import numpy as np
     import pandas as pd
     from astropy.io import fits
-    from astropy.wcs.utils import proj_plane_pixel_scales
 
-    from .evaluate import template_known
+    from .calexp import pixel_scale_arcsec
+    from .evaluate import template_weights, template_known
     from .io import header_wcs
 
-    inc = coadd_inputs[coadd_inputs["included"].astype(bool) & (coadd_inputs["weight"] > 0)]
+    weights = template_weights(coadd_inputs, None)      # band, visit, weight
     cov = coverage[coverage["covered"].astype(bool)][["visit", "id"]].drop_duplicates()
     rows, fwhm_max = [], 0.0
-    for band in sorted(inc["band"].unique()):
-        w = inc[inc["band"] == band].groupby("visit", as_index=False)["weight"].mean()
+    for band in sorted(weights["band"].unique()):
+        w = weights[weights["band"] == band][["visit", "weight"]]
         total = cov.merge(w, on="visit").groupby("id")["weight"].sum()
         expect = total.reindex(variables["id"]).fillna(0.0).to_numpy()
         done = np.zeros(len(variables), bool)
@@ -224,10 +224,9 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
                 if "WEIGHTSUM" not in hdul:
                     continue
                 wcs = header_wcs(hdul["IMAGE"].header, path)
-                scale = float(np.mean(proj_plane_pixel_scales(wcs))) * 3600.0   # arcsec / px
                 fwhm = float(hdul[0].header.get("MODELFWH", 0.0))
                 fwhm_max = max(fwhm_max, fwhm)
-                radius = max(int(np.ceil(fwhm / scale)), 2)
+                radius = max(int(np.ceil(fwhm / pixel_scale_arcsec(wcs))), 2)
                 ws = np.asarray(hdul["WEIGHTSUM"].data, np.float64)
             x, y = wcs.world_to_pixel_values(variables["ra"].to_numpy(float),
                                              variables["dec"].to_numpy(float))

@@ -96,7 +96,7 @@ def flux_to_mag(flux_njy) -> np.ndarray:
 # expected difference flux
 # --------------------------------------------------------------------------
 
-def _template_weights(coadd_inputs: pd.DataFrame, source_patches) -> pd.DataFrame:
+def template_weights(coadd_inputs: pd.DataFrame, source_patches) -> pd.DataFrame:
     """Rows (band, visit, weight[, id]) of the included coadd inputs."""
     _require(coadd_inputs, ["band", "patch", "visit", "included", "weight"], "coadd_inputs")
     inc = coadd_inputs[coadd_inputs["included"].astype(bool) & (coadd_inputs["weight"] > 0)]
@@ -138,7 +138,7 @@ def expected_difference_flux(variable_fluxes: pd.DataFrame, coadd_inputs: pd.Dat
         template input is left).
     """
     _require(variable_fluxes, ["visit", "band", "id", "flux_njy"], "variable_fluxes")
-    w = _template_weights(coadd_inputs, source_patches)
+    w = template_weights(coadd_inputs, source_patches)
     keys = ["band", "visit"] + (["id"] if "id" in w.columns else [])
     inputs = variable_fluxes.merge(w, on=keys, how="inner")
     if coverage is not None:

@@ -438,36 +438,35 @@ def _solve_global(G, h, p, r, nb):
     return sol[:nb * nq].reshape(nb, nq), sol[nb * nq:]
 
 
-def _stamp_theta(coef, bg, p, r):
-    """Per-stamp coefficients of the global solution (kernel terms, then background)."""
+def _stamp_products(G, h, coef, bg, p, r) -> tuple[np.ndarray, np.ndarray]:
+    """``<B, M>`` and ``<M, M>`` of every stamp for the global solution.
+
+    ``M`` is the stamp's model (``k (x) A + bg``) and ``<.,.>`` the weighted
+    inner product of the stamp's normal equations (``h``, ``G``).
+    """
     theta = np.einsum("ks,is->ik", coef, p)
     if r.shape[1]:
         theta = np.hstack([theta, (r @ bg)[:, None]])
-    return theta
+    return np.einsum("ik,ik->i", theta, h), np.einsum("ik,ikl,il->i", theta, G, theta)
 
 
 def _stamp_chi2(G, h, ywy, npix, coef, bg, p, r, nb):
     """Residual chi^2 per pixel of every stamp for the global solution."""
-    theta = _stamp_theta(coef, bg, p, r)
-    quad = np.einsum("ik,ikl,il->i", theta, G, theta)
-    return (ywy - 2.0 * np.einsum("ik,ik->i", theta, h) + quad) / npix
+    bm, mm = _stamp_products(G, h, coef, bg, p, r)
+    return (ywy - 2.0 * bm + mm) / npix
 
 
-def _stamp_scale_offsets(G, h, coef, bg, p, r) -> tuple[np.ndarray, np.ndarray]:
+def _stamp_scale_offsets(bm: np.ndarray, mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fractional flux mismatch of every stamp against the global solution.
 
-    With ``M`` the stamp's model (``k (x) A + bg``) and ``<.,.>`` the weighted
-    inner product, ``a = <B - M, M> / <M, M>`` is the stamp's own flux ratio
-    minus the fitted one (dimensionless) and ``1 / <M, M>`` its noise
-    variance.  A chi^2 per pixel dilutes a residual shaped like the star over
-    the whole stamp (a variable star 5 % off at S/N 200 moves it by ~2 sigma);
-    this projection sees it at ~10 sigma.
+    From :func:`_stamp_products`: ``a = <B - M, M> / <M, M>`` is the stamp's
+    own flux ratio minus the fitted one (dimensionless) and ``1 / <M, M>``
+    its noise variance.  A chi^2 per pixel dilutes a residual shaped like the
+    star over the whole stamp (a variable star 5 % off at S/N 200 moves it by
+    ~2 sigma); this projection sees it at ~10 sigma.
     """
-    theta = _stamp_theta(coef, bg, p, r)
-    mm = np.einsum("ik,ikl,il->i", theta, G, theta)
     with np.errstate(divide="ignore", invalid="ignore"):
-        a = (np.einsum("ik,ik->i", theta, h) - mm) / mm
-        return a, 1.0 / mm
+        return (bm - mm) / mm, 1.0 / mm
 
 
 def _fit_stamps(G, h, ywy, npix, p, r, nb, *, n_sigma_clip, max_iter, min_stamps, g_fit=None):
@@ -489,11 +488,12 @@ def _fit_stamps(G, h, ywy, npix, p, r, nb, *, n_sigma_clip, max_iter, min_stamps
                 f"Only {int(use.sum())} usable kernel stamps remain after rejecting outliers, "
                 f"fewer than the {min_stamps} needed for the PSF-matching kernel fit.")
         coef, bg = _solve_global(g_fit[use], h[use], p[use], r[use], nb)
-        chi2 = _stamp_chi2(G, h, ywy, npix, coef, bg, p, r, nb)
+        bm, mm = _stamp_products(G, h, coef, bg, p, r)
+        chi2 = (ywy - 2.0 * bm + mm) / npix
         med = np.median(chi2[use])
         mad = 1.4826 * np.median(np.abs(chi2[use] - med))
         bad = use & ((chi2 > med + n_sigma_clip * max(mad, 1e-3 * med)) | ~np.isfinite(chi2))
-        a, a_var = _stamp_scale_offsets(G, h, coef, bg, p, r)
+        a, a_var = _stamp_scale_offsets(bm, mm)
         ok = use & np.isfinite(a) & (a_var > 0)
         bad |= use & ~ok
         if ok.sum() >= min_stamps:
