@@ -46,6 +46,15 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _finite_or_zero(a: np.ndarray) -> np.ndarray:
+    """Float32 copy of ``a`` with NaN/inf set to 0 (one pass when all finite)."""
+    out = np.array(a, dtype=np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = 0
+    return out
+
+
 #: Pixels per block in row-blocked element-wise work (fits in a CPU cache).
 _ROW_BLOCK_PIXELS = 1 << 17
 
@@ -111,7 +120,7 @@ def sep_background(image: np.ndarray, mask: np.ndarray | None = None, *,
     bad = _bad_pixels(image, mask)
     if bad.all():
         raise ValueError("cannot estimate a background: every pixel is masked or NaN")
-    data = np.where(bad, 0.0, image).astype(np.float32)
+    data = np.where(bad, np.float32(0), image).astype(np.float32, copy=False)
     bkg = sep.Background(data, mask=bad.view(np.uint8), bw=box, bh=box,
                          fw=filter_size, fh=filter_size)
     logger.debug("background: global %.2f e-, rms %.2f e-", bkg.globalback, bkg.globalrms)
@@ -208,8 +217,9 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
 
     ny, nx = image_bkgsub.shape
     f = bin_factor or (4 if min(ny, nx) >= 2048 else 2 if min(ny, nx) >= 512 else 1)
-    data = np.where(np.isfinite(image_bkgsub), image_bkgsub, 0).astype(np.float32)
-    var = np.where(np.isfinite(variance) & (variance > 0), variance, 0).astype(np.float32)
+    data = _finite_or_zero(image_bkgsub)
+    var = _finite_or_zero(variance)
+    np.maximum(var, 0, out=var)
     data, var = bin_sum(data, f), bin_sum(var, f)
     fb = max(fwhm / f, 1.0)
     g = gaussian_kernel(fb, max(2 * int(np.ceil(1.5 * fb)) + 1, 5)).astype(np.float32)

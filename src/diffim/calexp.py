@@ -80,11 +80,14 @@ class CalexpResult:
 def validate_pixels(image: np.ndarray, path: str = "") -> np.ndarray:
     """No-data mask of an input image; refuse images with no usable pixels."""
     nodata = ~np.isfinite(image)
-    good = image[~nodata]
-    if good.size == 0:
+    if nodata.all():
         raise InputError(f"{path}: every pixel is NaN (no data)")
-    if np.ptp(good) == 0:
-        raise InputError(f"{path}: every pixel has the same value ({good[0]:g}): no signal")
+    lo, hi = np.nanmin(image), np.nanmax(image)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # +-inf pixels: range of the finite ones
+        good = image[~nodata]
+        lo, hi = good.min(), good.max()
+    if lo == hi:
+        raise InputError(f"{path}: every pixel has the same value ({lo:g}): no signal")
     return nodata
 
 
@@ -147,8 +150,9 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
         With a reason a person understands.
     """
     nodata = validate_pixels(image, path)
-    mask = np.where(nodata, masks.bit("NO_DATA"), 0).astype(masks.MASK_DTYPE)
-    raw = np.where(nodata, 0.0, image).astype(np.float32)
+    mask = np.zeros(image.shape, masks.MASK_DTYPE)
+    mask[nodata] = masks.bit("NO_DATA")
+    raw = np.where(nodata, np.float32(0), image).astype(np.float32, copy=False)
     saturation = saturation or float(np.nanmax(image)) * 1.001
     sat = find_saturated(raw, saturation=saturation)
     sat |= find_bleed_trails(raw, sat, saturation=saturation)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, DiffimError
+from .malloc import retain_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()
     try:
         return int(args.func(args))
     except DiffimError as exc:

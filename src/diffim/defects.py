@@ -208,7 +208,8 @@ def _block_medians(d: np.ndarray, block: int) -> np.ndarray:
     n_good = block - nan.sum(axis=2)
     fill = np.where(np.arange(block) % 2 == 0, -np.inf, np.inf).astype(part.dtype)
     part[nan] = np.broadcast_to(fill, part.shape)[nan]
-    med = np.partition(part, block // 2, axis=2)[:, :, block // 2]
+    part.partition(block // 2, axis=2)  # in place: `part` is already a private copy
+    med = part[:, :, block // 2]
     med[n_good < block // 4] = np.nan
     return med
 

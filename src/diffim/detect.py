@@ -197,6 +197,27 @@ NOISE_CORR_RADIUS = 15
 _POWER_FLOOR = 1e-2
 
 
+def _normalised_noise(diff: Exposure, bad, y0: int, x0: int, ty: int, tx: int,
+                      clip: float, grow: int = 3):
+    """``z = diff / sqrt(variance)`` on one tile, 0 off the usable noise pixels, and that mask.
+
+    Sources (``|z| > clip``) are left out with ``grow`` px around them; the tile
+    is cut with that margin so that the result equals the whole-image one.
+    Returns ``(z float64, mask float64)`` of shape ``(ty, tx)``.
+    """
+    ny, nx = diff.image.shape
+    ya, yb = max(y0 - grow, 0), min(y0 + ty + grow, ny)
+    xa, xb = max(x0 - grow, 0), min(x0 + tx + grow, nx)
+    img, var, b = (a[ya:yb, xa:xb] for a in (diff.image, diff.variance, bad))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(b | ~(var > 0), 0.0, img / np.sqrt(var))
+    good = (~b) & (var > 0) & np.isfinite(z)
+    good &= ~ndimage.maximum_filter(np.abs(z) > clip, size=2 * grow + 1)
+    inner = (slice(y0 - ya, y0 - ya + ty), slice(x0 - xa, x0 - xa + tx))
+    return (np.where(good, z, 0.0)[inner].astype(np.float64),
+            good[inner].astype(np.float64))
+
+
 def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: float = 4.0,
                       tile: int = 512, max_tiles: int = 16) -> np.ndarray:
     """Measured autocorrelation of the noise of ``z = diff / sqrt(variance)``.
@@ -220,12 +241,7 @@ def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: 
     bad = _bad_pixels(diff)
     rho = np.zeros((2 * radius + 1, 2 * radius + 1))
     rho[radius, radius] = 1.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(bad | ~(diff.variance > 0), 0.0, diff.image / np.sqrt(diff.variance))
-    good = (~bad) & (diff.variance > 0) & np.isfinite(z)
-    good &= ~ndimage.maximum_filter(np.abs(z) > clip, size=7)
-    z = np.where(good, z, 0.0).astype(np.float64)
-    ny, nx = z.shape
+    ny, nx = diff.image.shape
     ty, tx = min(tile, ny), min(tile, nx)
     nt = max(1, int(np.sqrt(max_tiles)))
     ys = np.unique(np.linspace(0, ny - ty, min(nt, max(1, ny // ty))).astype(int))
@@ -236,8 +252,7 @@ def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: 
     with sp_fft.set_workers(2):
         for y0 in ys:
             for x0 in xs:
-                zz = z[y0:y0 + ty, x0:x0 + tx]
-                mm = good[y0:y0 + ty, x0:x0 + tx].astype(np.float64)
+                zz, mm = _normalised_noise(diff, bad, y0, x0, ty, tx, clip)
                 if mm.sum() < 0.1 * mm.size:
                     continue
                 zz = np.where(mm > 0, zz - zz[mm > 0].mean(), 0.0)

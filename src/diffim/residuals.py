@@ -47,6 +47,7 @@ directions.  Conventions as in :mod:`diffim`: arrays ``[y, x]``, pixel
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import signal
 
-from .kernel import fft_convolve
+from .kernel import FFT_WORKERS, fft_convolve
 
 logger = logging.getLogger(__name__)
 
@@ -165,36 +166,44 @@ def filtered_noise_correlation(h: np.ndarray, rho: np.ndarray, half: int) -> np.
     return out / out[half, half]
 
 
-def _cut(shape, x: int, y: int, pad: int):
-    """Slices of the box of half-width ``pad`` around ``(x, y)``; None if it leaves the image."""
-    ny, nx = shape
-    if x < pad or y < pad or x >= nx - pad or y >= ny - pad:
-        return None
-    return (slice(y - pad, y + pad + 1), slice(x - pad, x + pad + 1))
+def _cutouts(arrays, xy: np.ndarray, pad: int):
+    """Boxes of half-width ``pad`` around the integer ``(x, y)`` rows of ``xy``.
+
+    Returns ``(kept, stacks)``: the indices of the boxes wholly inside the
+    image and, for each of ``arrays``, their pixels stacked ``(n, 2 pad + 1, 2 pad + 1)``.
+    """
+    ny, nx = arrays[0].shape
+    x, y = xy[:, 0], xy[:, 1]
+    kept = np.flatnonzero((x >= pad) & (y >= pad) & (x < nx - pad) & (y < ny - pad))
+    off = np.arange(-pad, pad + 1)
+    rows = y[kept, None, None] + off[None, :, None]
+    cols = x[kept, None, None] + off[None, None, :]
+    return kept, [a[rows, cols] for a in arrays]
 
 
-def _filter_stamp(img, var, b, hr, c_filter):
-    """``F`` and ``Var_stat F`` of a cutout (``b``: unusable pixels, left out)."""
-    f = signal.fftconvolve(np.where(b, 0.0, img), hr, mode="valid")
-    vf = c_filter * signal.fftconvolve(np.where(b, 0.0, var), hr * hr, mode="valid")
-    return f, vf
+def _filter_stacks(img, var, scene, b, hr, c_filter):
+    """``F``, ``Var_stat F`` and ``S_f`` of stacked cut-outs (``b``: unusable, left out).
+
+    One batched FFT correlation per quantity over axes (1, 2); ``"valid"``
+    output, ``hr`` the flipped detection filter.
+    """
+    conv = functools.partial(signal.fftconvolve, mode="valid", axes=(1, 2))
+    with sp_fft.set_workers(FFT_WORKERS):
+        f = conv(np.where(b, 0.0, img), hr[None])
+        vf = c_filter * conv(np.where(b, 0.0, var), (hr * hr)[None])
+        sf = conv(np.where(np.isfinite(scene), scene, 0.0), hr[None])
+    return f, vf, sf
 
 
-def _stamp_terms(diff_img, diff_var, bad, scene, h, c_filter, x, y, radius):
+def _stamp_terms(f, vf, s, b, hk, radius):
     """Filtered difference, its variance, the filtered scene and its gradient in a disc.
 
-    Returns ``(f, vf, design, yx)`` over the usable disc pixels: ``design``
-    holds the columns ``S_f, dS_f/dx, dS_f/dy`` and ``yx`` the pixel offsets;
-    None when fewer than 80 % of the disc is usable.
+    ``f, vf, s`` are one stamp's filtered planes and ``b`` its unusable pixels
+    (``hk`` = filter half-width wider).  Returns ``(f, vf, design, yx)`` over
+    the usable disc pixels: ``design`` holds the columns ``S_f, dS_f/dx,
+    dS_f/dy`` and ``yx`` the pixel offsets; None when fewer than 80 % of the
+    disc is usable.
     """
-    hk = h.shape[0] // 2
-    cut = _cut(diff_img.shape, x, y, radius + hk + 1)
-    if cut is None:
-        return None
-    b = bad[cut]
-    hr = h[::-1, ::-1]
-    f, vf = _filter_stamp(diff_img[cut], diff_var[cut], b, hr, c_filter)
-    s = signal.fftconvolve(np.where(np.isfinite(scene[cut]), scene[cut], 0.0), hr, mode="valid")
     gy, gx = np.gradient(s)
     inner = (slice(1, -1), slice(1, -1))  # np.gradient is one-sided on the border
     f, vf, s, gx, gy = f[inner], vf[inner], s[inner], gx[inner], gy[inner]
@@ -209,27 +218,30 @@ def _stamp_terms(diff_img, diff_var, bad, scene, h, c_filter, x, y, radius):
     return f[ok], vf[ok], design, np.stack([yy[ok], xx[ok]], axis=1)
 
 
-def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, x, y, r_in, r_out):
-    """Over the annulus ``r_in < r <= r_out``: ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``W_f``.
+def _disc_terms(diff_img, diff_var, bad, scene, h, c_filter, xy, radius):
+    """:func:`_stamp_terms` of every source of ``xy`` (None near the border)."""
+    hk = h.shape[0] // 2
+    kept, (img, var, sc, b) = _cutouts((diff_img, diff_var, scene, bad), xy, radius + hk + 1)
+    out = [None] * len(xy)
+    if len(kept):
+        f, vf, sf = _filter_stacks(img, var, sc, b, h[::-1, ::-1], c_filter)
+        for j, i in enumerate(kept):
+            out[i] = _stamp_terms(f[j], vf[j], sf[j], b[j], hk, radius)
+    return out
 
-    None near the border or when under 80 % of the annulus is usable.
+
+def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
+    """One stamp's ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``W_f`` on ``r_in < r <= r_out``.
+
+    ``sf_big`` is ``S_f`` ``hg`` (the wing kernel's half-width) wider than
+    ``f``; None when under 80 % of the annulus is usable.
     """
-    hk, hg = h.shape[0] // 2, g.shape[0] // 2
-    cut = _cut(diff_img.shape, x, y, r_out + hk + hg + 1)
-    if cut is None:
-        return None
-    b = bad[cut]
-    hr = h[::-1, ::-1]
-    sc = np.where(np.isfinite(scene[cut]), scene[cut], 0.0)
-    sf_big = signal.fftconvolve(sc, hr, mode="valid")            # r_out + hg + 1 around
-    wf = signal.fftconvolve(sf_big, g, mode="valid")              # r_out + 1 around
     inner = (slice(hg, -hg), slice(hg, -hg))
     sf = sf_big[inner]
     gy, gx = np.gradient(sf)
     crop = (slice(hk + hg, -(hk + hg)), slice(hk + hg, -(hk + hg)))
-    f, vf = (a[inner] for a in _filter_stamp(diff_img[cut], diff_var[cut], b, hr, c_filter))
     one = (slice(1, -1), slice(1, -1))
-    f, vf, sf, gx, gy, wf = (a[one] for a in (f, vf, sf, gx, gy, wf))
+    f, vf, sf, gx, gy, wf = (a[one] for a in (f[inner], vf[inner], sf, gx, gy, wf))
     r = f.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     rr2 = xx**2 + yy**2
@@ -238,6 +250,21 @@ def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, x, y, r_in, r_ou
     if ok.sum() < 0.8 * ring.sum():
         return None
     return f[ok], vf[ok], sf[ok], gx[ok] ** 2 + gy[ok] ** 2, wf[ok]
+
+
+def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, xy, r_in, r_out):
+    """:func:`_annulus_terms` around every source of ``xy`` that has them."""
+    hk, hg = h.shape[0] // 2, g.shape[0] // 2
+    kept, (img, var, sc, b) = _cutouts((diff_img, diff_var, scene, bad), xy,
+                                       r_out + hk + hg + 1)
+    if len(kept) == 0:
+        return []
+    f, vf, sf_big = _filter_stacks(img, var, sc, b, h[::-1, ::-1], c_filter)
+    with sp_fft.set_workers(FFT_WORKERS):
+        wf = signal.fftconvolve(sf_big, g[None], mode="valid", axes=(1, 2))
+    terms = (_annulus_terms(f[j], vf[j], sf_big[j], wf[j], b[j], hk, hg, r_in, r_out)
+             for j in range(len(kept)))
+    return [t for t in terms if t is not None]
 
 
 def _wing_variance(stamps, eps2: float, delta2: float) -> float:
@@ -353,8 +380,9 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     """
     rho_f = filtered_noise_correlation(h, rho, 2 * radius)
     fits, xy_used = [], []
-    for x, y in np.asarray(sources_xy, int).reshape(-1, 2):
-        terms = _stamp_terms(diff_img, diff_var, bad, scene, h, c_filter, x, y, radius)
+    sources_xy = np.asarray(sources_xy, int).reshape(-1, 2)
+    for (x, y), terms in zip(sources_xy, _disc_terms(diff_img, diff_var, bad, scene, h,
+                                                     c_filter, sources_xy, radius)):
         if terms is not None:
             fit = _amplitudes(*terms, rho_f)
             if fit is not None:
@@ -369,9 +397,8 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     delta2, _ = random_effect(theta[keep, 1:].ravel(), var[keep, 1:].ravel())
     g = _wing_kernel(wing_sigma)
     kept_xy = np.asarray(xy_used)[keep]
-    wings = [t for t in (_wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, x, y,
-                                     radius, WING_RADII * radius) for x, y in kept_xy)
-             if t is not None]
+    wings = _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, kept_xy,
+                        radius, WING_RADII * radius)
     omega2 = _wing_variance(wings, eps2, delta2) if len(wings) >= MIN_SOURCES else 0.0
     out = Systematics(scale_error=float(np.sqrt(eps2)), shift_error=float(np.sqrt(delta2)),
                       wing_error=float(np.sqrt(omega2)), wing_sigma=float(wing_sigma),
