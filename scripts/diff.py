@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 
-from diffim.detect import detect_dia_sources, noise_terms
+from diffim.detect import detect_dia_sources, noise_terms, significance_maps
 from diffim.errors import DiffimError, NoOverlapError
 from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
                        write_exposure, write_json, write_table)
@@ -84,8 +84,9 @@ def main(inp, out, params, wildcards, log=None):
                                  background_order=cfg["background_order"],
                                  decorrelate=cfg["decorrelate"])
         noise = noise_terms(result.difference, template.image)
+        significance = significance_maps(result.difference, noise, template.image)
         sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
-                                     noise=noise, scene=template.image)
+                                     noise=noise, significance=significance)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DiffimError) else \
             f"internal error in diff ({type(exc).__name__}: {exc})"
@@ -96,7 +97,8 @@ def main(inp, out, params, wildcards, log=None):
     diff = result.difference
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo,
-                     **noise.systematics.header_cards())
+                     **noise.systematics.header_cards(),
+                     **significance.local_scale.header_cards())
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
     template_hdu.header["BUNIT"] = "nJy"

@@ -19,7 +19,12 @@ correlation.  Unusable pixels -- masked ``CR``, ``BAD``, ``SAT``,
 and ``V`` set to 0 there), and the significance is 0 on them, so such a pixel
 can never be the peak of a DIASource: cosmic rays, bad columns and bleed
 trails of the science exposure do not produce detections.  PSF-fit flux
-errors are multiplied by the analogous factor for the PSF.  An optional
+errors are multiplied by the analogous factor for the PSF.  Because the
+correlation is not the same over the whole image (the kernel varies, and so
+does the share of the convolved image in the noise), the significance is then
+calibrated locally: divided by a smooth surface fitted to its robust width in
+tiles (:mod:`diffim.noisescale`), by which PSF-flux errors are multiplied
+too.  An optional
 empirical factor ``diff.meta["NOISECOR"]`` (:func:`filtered_noise_scale`,
 ~1 once the correlation is accounted for) multiplies both.
 
@@ -66,8 +71,9 @@ import pandas as pd
 from scipy import fft as sp_fft
 from scipy import ndimage, optimize
 
-from . import masks
+from . import masks, noisescale
 from .exposure import Exposure
+from .noisescale import LocalNoiseScale
 from .kernel import bin_sum, fft_convolve
 from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, Systematics, measure_systematics,
                         systematic_variance)
@@ -86,6 +92,9 @@ COLUMNS: dict[str, str] = {
 #: Pixels that can never be the peak of a DIASource (and are left out of the filter).
 NO_PEAK_PLANES = ("CR", "BAD", "SAT", "NO_DATA", "NO_TEMPLATE")
 _BAD_FLAG_PLANES = ("BAD", "NO_DATA", "NO_TEMPLATE", "CR")
+#: Pixels whose systematic residual variance exceeds this fraction of the
+#: statistical one are not used to measure the local noise scale.
+SYS_NOISE_FRACTION = 0.1
 
 
 def empty_catalog() -> pd.DataFrame:
@@ -355,12 +364,18 @@ class NoiseTerms:
     systematics : Systematics
         Residual level at static sources (:mod:`diffim.residuals`); it enters
         wherever a ``scene`` (the template) is given.
+    local_scale : LocalNoiseScale or None
+        Spatial calibration of the significance (:mod:`diffim.noisescale`):
+        measured by :func:`significance_maps` when None, or given (read back
+        from a difference image's header) so that forced photometry uses the
+        detection's.
     """
 
     filter: np.ndarray
     c_filter: float
     c_psf: float
     systematics: Systematics = Systematics()
+    local_scale: LocalNoiseScale | None = None
 
 
 def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
@@ -424,11 +439,15 @@ class Significance:
     systematic : ndarray (ny, nx) float32 or None
         ``V_sys`` itself (None without systematic terms); measurement adds
         it to the PSF-flux errors.
+    local_scale : LocalNoiseScale
+        The spatial noise calibration both images are divided by
+        (:mod:`diffim.noisescale`); PSF-flux errors are multiplied by it.
     """
 
     image: np.ndarray
     statistical: np.ndarray
     systematic: np.ndarray | None = None
+    local_scale: LocalNoiseScale | None = None
 
 
 def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
@@ -442,19 +461,29 @@ def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
     ``V_sys`` is the systematic residual variance at static sources
     (:mod:`diffim.residuals`; only with ``scene`` or a precomputed
     ``sys_variance``).  0 on unusable pixels.  ``noise`` (from
-    :func:`noise_terms`) is measured here when not given.
+    :func:`noise_terms`) is measured here when not given.  The statistical
+    variance ``c (V * h^2)`` is multiplied by the square of the local noise
+    scale (``noise.local_scale``, else measured here on the statistical
+    significance where ``V_sys`` is under :data:`SYS_NOISE_FRACTION` of it).
     """
     noise = noise_terms(diff, scene) if noise is None else noise
     if sys_variance is None:
         sys_variance = systematic_variance_map(noise, scene)
     num, den, bad = _filtered(diff.image, diff.variance * np.float32(noise.c_filter),
                               noise.filter, _bad_pixels(diff))
+    scale = noise.local_scale
+    if scale is None:
+        usable = ~bad & (den > 0)
+        if sys_variance is not None:  # static-source residuals are not noise
+            usable &= sys_variance < np.float32(SYS_NOISE_FRACTION) * den
+        scale = noisescale.measure(_ratio(num, den, bad), usable)
+    den *= scale.image() ** 2
     stat = _ratio(num, den, bad)
     if sys_variance is None:
-        return Significance(image=stat, statistical=stat)
+        return Significance(image=stat, statistical=stat, local_scale=scale)
     den += sys_variance
     return Significance(image=_ratio(num, den, bad), statistical=stat,
-                        systematic=sys_variance)
+                        systematic=sys_variance, local_scale=scale)
 
 
 def detection_significance(diff: Exposure, noise: NoiseTerms | None = None,
@@ -769,6 +798,8 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     pos = _measure_side(diff, significance, +1, threshold, min_sep, bad, radius)
     neg = _measure_side(diff, significance, -1, threshold, min_sep, bad, radius)
     rows = _merge_dipoles(diff, bad, pos, neg, max_sep, dipole_flux_ratio)
+    if significance.local_scale is not None:
+        _scale_errors(rows, significance.local_scale)
     if sys_var is not None:
         _add_systematic_errors(rows, sys_var, _flux_per_filtered(diff.psf, noise.filter))
     logger.info("detected %d positive, %d negative sources -> %d DIASources (%d dipoles)",
@@ -790,6 +821,15 @@ def _systematic_flux_error(sys_var: np.ndarray, x, y, per_filtered: float) -> np
     ix = np.clip(np.round(np.asarray(x, float)).astype(int), 0, nx - 1)
     iy = np.clip(np.round(np.asarray(y, float)).astype(int), 0, ny - 1)
     return np.sqrt(np.maximum(sys_var[iy, ix], 0)) / per_filtered
+
+
+def _scale_errors(rows: list[dict], scale: LocalNoiseScale) -> None:
+    """Multiply each row's PSF-flux errors by the local noise scale at its position (in place)."""
+    for r in rows:
+        f = float(scale.at(r["x"], r["y"])[0])
+        r["psfFluxErr"] *= f
+        r["dipoleNegFluxErr"] *= f
+        r["psfSnr"] = r["psfFlux"] / r["psfFluxErr"] if r["psfFluxErr"] > 0 else np.nan
 
 
 def _add_systematic_errors(rows: list[dict], sys_var: np.ndarray, per_filtered: float) -> None:
@@ -835,6 +875,8 @@ def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = No
     out = np.array([_psf_fit(diff.image, diff.variance, bad, diff.psf, xi, yi)
                     for xi, yi in zip(x.ravel(), y.ravel())]).reshape(x.shape + (2,))
     flux, err = out[..., 0], out[..., 1]
+    if noise.local_scale is not None:
+        err = err * noise.local_scale.at(x.ravel(), y.ravel()).reshape(x.shape)
     sys_var = systematic_variance_map(noise, scene)
     if sys_var is not None:
         err = np.hypot(err, _systematic_flux_error(sys_var, x, y,

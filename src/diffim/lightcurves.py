@@ -10,12 +10,14 @@ pixel, so an image covers ``-0.5 <= x < nx - 0.5``.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
 from .detect import forced_psf_photometry, noise_terms
 from .exposure import Exposure
+from .noisescale import LocalNoiseScale
 from .residuals import Systematics
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
     x, y, inside = object_pixels(diff_exposure.wcs, objects, diff_exposure.shape)
     if not inside.any():
         return empty_light_curves()
-    noise = noise_terms(diff_exposure, systematics=Systematics.from_meta(diff_exposure.meta))
+    noise = replace(noise_terms(diff_exposure,
+                                systematics=Systematics.from_meta(diff_exposure.meta)),
+                    local_scale=LocalNoiseScale.from_meta(diff_exposure.meta, diff_exposure.shape))
     flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside], noise=noise,
                                       scene=scene)
     out = pd.DataFrame({
