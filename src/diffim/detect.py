@@ -143,10 +143,15 @@ def _filtered(image, variance, psf, bad):
     return num, den, bad
 
 
-def _ratio(num, den, bad) -> np.ndarray:
-    """``num / sqrt(den)``, 0 on bad pixels and where ``den`` is below a tiny floor."""
+def _ratio_floor(den, bad) -> float:
+    """The tiny floor of ``den`` below which :func:`_ratio` gives 0."""
     sample = den[::4, ::4][~bad[::4, ::4]]  # every 16th pixel sets the floor
-    floor = 1e-6 * float(np.median(sample)) if sample.size else 0.0
+    return 1e-6 * float(np.median(sample)) if sample.size else 0.0
+
+
+def _ratio(num, den, bad, floor: float | None = None) -> np.ndarray:
+    """``num / sqrt(den)``, 0 on bad pixels and where ``den`` is below a tiny floor."""
+    floor = _ratio_floor(den, bad) if floor is None else floor
     ok = (den > floor) & ~bad
     root = np.sqrt(den, where=ok, out=np.zeros_like(den))
     return np.divide(num, root, out=np.zeros(num.shape, dtype=np.float32), where=ok)
@@ -472,11 +477,14 @@ def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
     num, den, bad = _filtered(diff.image, diff.variance * np.float32(noise.c_filter),
                               noise.filter, _bad_pixels(diff))
     scale = noise.local_scale
-    if scale is None:
-        usable = ~bad & (den > 0)
+    if scale is None:  # measured on the sampled pixels only
+        grid = noisescale.SampleGrid.for_shape(diff.shape)
+        num_s, den_s, bad_s = grid.take(num), grid.take(den), grid.take(bad)
+        usable = ~bad_s & (den_s > 0)
         if sys_variance is not None:  # static-source residuals are not noise
-            usable &= sys_variance < np.float32(SYS_NOISE_FRACTION) * den
-        scale = noisescale.measure(_ratio(num, den, bad), usable)
+            usable &= grid.take(sys_variance) < np.float32(SYS_NOISE_FRACTION) * den_s
+        stat_s = _ratio(num_s, den_s, bad_s, _ratio_floor(den, bad))
+        scale = noisescale.measure(stat_s, usable, grid)
     den *= scale.image() ** 2
     stat = _ratio(num, den, bad)
     if sys_variance is None:

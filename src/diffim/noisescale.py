@@ -130,32 +130,82 @@ def surface_order(gy: int, gx: int) -> int:
     return 0 if g < 3 else 1 if g < 6 else 2
 
 
-def tile_widths(significance: np.ndarray, usable: np.ndarray):
-    """Robust width, centre ``(x, y)`` and sample count of each tile (NaN width if too few)."""
-    ny, nx = significance.shape
-    gy, gx = tile_grid((ny, nx))
-    ey, ex = _edges(ny, gy), _edges(nx, gx)
+@dataclass(frozen=True)
+class SampleGrid:
+    """The pixels the tiles are measured on: every :data:`SUBSAMPLE`-th row and
+    column of each tile, gathered so that only they need computing.
+
+    Attributes
+    ----------
+    shape : (ny, nx)
+        Full image shape.
+    rows, cols : ndarray of int
+        Sampled full-resolution rows and columns, tile after tile.
+    row_bounds, col_bounds : ndarray of int
+        Tile ``i`` holds sampled rows ``row_bounds[i]:row_bounds[i + 1]``.
+    edges_y, edges_x : ndarray of int
+        Tile edges in full-resolution pixels.
+    """
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    row_bounds: np.ndarray
+    col_bounds: np.ndarray
+    edges_y: np.ndarray
+    edges_x: np.ndarray
+
+    @classmethod
+    def for_shape(cls, shape) -> "SampleGrid":
+        ny, nx = (int(n) for n in shape)
+        gy, gx = tile_grid((ny, nx))
+
+        def axis(n, g):
+            e = _edges(n, g)
+            idx = [np.arange(e[k], e[k + 1], SUBSAMPLE) for k in range(g)]
+            return np.concatenate(idx), np.cumsum([0] + [len(i) for i in idx]), e
+
+        rows, rb, ey = axis(ny, gy)
+        cols, cb, ex = axis(nx, gx)
+        return cls((ny, nx), rows, cols, rb, cb, ey, ex)
+
+    def take(self, a: np.ndarray) -> np.ndarray:
+        """The sampled pixels of a full-resolution array, shape ``(len(rows), len(cols))``."""
+        return a[np.ix_(self.rows, self.cols)]
+
+
+def tile_widths(significance: np.ndarray, usable: np.ndarray, grid: SampleGrid):
+    """Robust width, centre ``(x, y)`` and sample count of each tile (NaN width if too few).
+
+    ``significance`` and ``usable`` are sampled on ``grid`` (:meth:`SampleGrid.take`).
+    """
+    ey, ex, rb, cb = grid.edges_y, grid.edges_x, grid.row_bounds, grid.col_bounds
     rows = []
-    for i in range(gy):
-        for j in range(gx):
-            cut = (slice(ey[i], ey[i + 1], SUBSAMPLE), slice(ex[j], ex[j + 1], SUBSAMPLE))
+    for i in range(len(ey) - 1):
+        for j in range(len(ex) - 1):
+            cut = (slice(rb[i], rb[i + 1]), slice(cb[j], cb[j + 1]))
             v = significance[cut][usable[cut]]
             width = robust_width(v.astype(np.float64)) if v.size >= MIN_SAMPLES else np.nan
             width = width if width > 0 else np.nan   # no noise at all (a noiseless test image)
             rows.append((width, 0.5 * (ex[j] + ex[j + 1] - 1), 0.5 * (ey[i] + ey[i + 1] - 1),
                          v.size))
-    return np.array(rows, float).reshape(-1, 4), (gy, gx)
+    return np.array(rows, float).reshape(-1, 4), (len(ey) - 1, len(ex) - 1)
 
 
-def measure(significance: np.ndarray, usable: np.ndarray) -> LocalNoiseScale:
+def measure(significance: np.ndarray, usable: np.ndarray,
+            grid: SampleGrid | None = None) -> LocalNoiseScale:
     """Fit a :class:`LocalNoiseScale` to the tile-by-tile robust width of ``significance``.
 
     Parameters
     ----------
-    significance : ndarray (ny, nx)
-        Statistical detection significance (sigma units).
-    usable : ndarray of bool (ny, nx)
-        Pixels that measure the noise (not masked, not at static-source residuals).
+    significance : ndarray
+        Statistical detection significance (sigma units): the full image, or
+        only its pixels on ``grid`` (:meth:`SampleGrid.take`).
+    usable : ndarray of bool
+        Pixels that measure the noise (not masked, not at static-source
+        residuals), on the same pixels as ``significance``.
+    grid : SampleGrid, optional
+        Given when the arrays are already sampled on it.
 
     Returns
     -------
@@ -164,9 +214,12 @@ def measure(significance: np.ndarray, usable: np.ndarray) -> LocalNoiseScale:
         3-sigma rejection of outlying tiles; order :func:`surface_order`, lower
         when fewer tiles could be measured.  No correction (1) without any.
     """
-    shape = significance.shape
+    if grid is None:
+        grid = SampleGrid.for_shape(significance.shape)
+        significance, usable = grid.take(significance), grid.take(usable)
+    shape = grid.shape
     ny, nx = shape
-    tiles, (gy, gx) = tile_widths(significance, usable)
+    tiles, (gy, gx) = tile_widths(significance, usable, grid)
     tiles = tiles[np.isfinite(tiles[:, 0])]
     order = surface_order(gy, gx)
     while order > 0 and len(tiles) < 2 * n_poly_terms(order):
