@@ -46,15 +46,6 @@ def _box_sum(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _finite_or_zero(a: np.ndarray) -> np.ndarray:
-    """Float32 copy of ``a`` with NaN/inf set to 0 (one pass when all finite)."""
-    out = np.array(a, dtype=np.float32)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        out[bad] = 0
-    return out
-
-
 #: Pixels per block in row-blocked element-wise work (fits in a CPU cache).
 _ROW_BLOCK_PIXELS = 1 << 17
 
@@ -217,8 +208,8 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
 
     ny, nx = image_bkgsub.shape
     f = bin_factor or (4 if min(ny, nx) >= 2048 else 2 if min(ny, nx) >= 512 else 1)
-    data = _finite_or_zero(image_bkgsub)
-    var = _finite_or_zero(variance)
+    data = np.nan_to_num(np.array(image_bkgsub, np.float32), copy=False, nan=0, posinf=0, neginf=0)
+    var = np.nan_to_num(np.array(variance, np.float32), copy=False, nan=0, posinf=0, neginf=0)
     np.maximum(var, 0, out=var)
     data, var = bin_sum(data, f), bin_sum(var, f)
     fb = max(fwhm / f, 1.0)

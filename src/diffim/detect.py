@@ -344,10 +344,7 @@ def filtered_noise_scale(diff: Exposure, *, clip: float = 4.0, n_iter: int = 3) 
     values = sig[(~bad) & (sig != 0)][::7]  # every 7th pixel: plenty, and fast
     if values.size < 100:
         return 1.0
-    scale = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    for _ in range(n_iter):
-        kept = values[np.abs(values) < clip * scale]
-        scale = 1.4826 * float(np.median(np.abs(kept - np.median(kept))))
+    scale = noisescale.robust_width(values.astype(np.float64), clip=clip, n_iter=n_iter)
     return scale if np.isfinite(scale) and scale > 0 else 1.0
 
 
@@ -384,19 +381,23 @@ class NoiseTerms:
 
 
 def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
-                systematics: Systematics | None = None) -> NoiseTerms:
+                systematics: Systematics | None = None,
+                local_scale: LocalNoiseScale | None = None) -> NoiseTerms:
     """Measure the noise correlation of ``diff`` and derive its :class:`NoiseTerms`.
 
     With ``scene`` (the static scene: the template on the difference's pixel
     grid, any flux scale), the systematic residual terms are measured too
     (:func:`diffim.residuals.measure_systematics`) unless ``systematics`` gives
-    them (e.g. read back from a difference image's header).
+    them (e.g. read back from a difference image's header).  ``local_scale``
+    (read back from such a header) is kept as given; without it
+    :func:`significance_maps` measures one.
     """
     _check_diff(diff)
     rho = noise_correlation(diff)
     h, c_filter, c_psf = detection_filter(diff.psf.at(), rho)
     extra = float(diff.meta.get("NOISECOR", 1.0)) ** 2
-    terms = NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra)
+    terms = NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra,
+                       local_scale=local_scale)
     if systematics is not None:
         return replace(terms, systematics=systematics)
     if scene is None:
@@ -833,8 +834,9 @@ def _systematic_flux_error(sys_var: np.ndarray, x, y, per_filtered: float) -> np
 
 def _scale_errors(rows: list[dict], scale: LocalNoiseScale) -> None:
     """Multiply each row's PSF-flux errors by the local noise scale at its position (in place)."""
-    for r in rows:
-        f = float(scale.at(r["x"], r["y"])[0])
+    factors = scale.at([r["x"] for r in rows], [r["y"] for r in rows]) if rows else []
+    for r, f in zip(rows, factors):
+        f = float(f)
         r["psfFluxErr"] *= f
         r["dipoleNegFluxErr"] *= f
         r["psfSnr"] = r["psfFlux"] / r["psfFluxErr"] if r["psfFluxErr"] > 0 else np.nan

@@ -10,7 +10,6 @@ pixel, so an image covers ``-0.5 <= x < nx - 0.5``.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -94,9 +93,9 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
     x, y, inside = object_pixels(diff_exposure.wcs, objects, diff_exposure.shape)
     if not inside.any():
         return empty_light_curves()
-    noise = replace(noise_terms(diff_exposure,
-                                systematics=Systematics.from_meta(diff_exposure.meta)),
-                    local_scale=LocalNoiseScale.from_meta(diff_exposure.meta, diff_exposure.shape))
+    meta = diff_exposure.meta
+    noise = noise_terms(diff_exposure, systematics=Systematics.from_meta(meta),
+                        local_scale=LocalNoiseScale.from_meta(meta, diff_exposure.shape))
     flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside], noise=noise,
                                       scene=scene)
     out = pd.DataFrame({

@@ -11,7 +11,7 @@ The workflow avoids that for its jobs with glibc's environment variables
 :func:`retain_freed_memory` applies the same settings from inside a running
 process; the ``diffim`` command calls it at start-up and library users may
 call it.  On the (4096 x 4096) peer pairs it took ``subtract_pair`` from
-16.5-20.0 s to 13.9-15.5 s on a slow 2-core virtual machine, for 3-6 % more
+16.5-20.0 s to 13.5-15.5 s on a slow 2-core virtual machine, for 3-6 % more
 peak memory (README, "Measured performance").
 
 Nothing happens off glibc, when the user has set glibc's malloc environment

@@ -90,7 +90,12 @@ class LocalNoiseScale:
         if "NSCLORD" not in meta:
             return None
         order = int(meta["NSCLORD"])
-        coeffs = np.array([float(meta[f"NSCLC{i + 1}"]) for i in range(n_poly_terms(order))])
+        keys = [f"NSCLC{i + 1}" for i in range(n_poly_terms(order))]
+        missing = [k for k in keys if k not in meta]
+        if missing:
+            raise ValueError(f"the header has NSCLORD = {order} but lacks {', '.join(missing)} "
+                             "(a local noise scale written incompletely)")
+        coeffs = np.array([float(meta[k]) for k in keys])
         return cls(coeffs=coeffs, order=order, shape=tuple(int(n) for n in shape))
 
 
