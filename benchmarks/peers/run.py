@@ -206,12 +206,32 @@ def catalogue_table(results: dict) -> str:
                       "|---|---|---|---|---|---|---|"] + rows)
 
 
+def merged_versions(previous: dict) -> dict:
+    """This environment's versions; a tool absent here keeps the version of the run that had it
+    (its rows in the merged table came from that run)."""
+    now = versions()
+    return {k: (previous[k] if val == "absent" and previous.get(k, "absent") != "absent" else val)
+            for k, val in now.items()}
+
+
+def machines_line(results: dict) -> str:
+    """Which machine ran which method's rows (rows are merged across runs)."""
+    by_cpu = {}
+    for per_method in results.values():
+        for m, e in per_method.items():
+            if "scores" in e or e.get("status") == "ok":
+                by_cpu.setdefault(e.get("machine", "an earlier machine (not recorded)"), set()).add(m)
+    return "Rows by machine: " + "; ".join(f"{', '.join(sorted(ms))}: {cpu}"
+                                           for cpu, ms in by_cpu.items()) + ".  "
+
+
 def write_markdown(path: Path, doc: dict) -> str:
     m, v = doc["machine"], doc["versions"]
     txt = ["# Peer benchmark results", "",
            f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM.  ",
            f"Full command: `bash benchmarks/peers/run.sh`; last command: `{doc['command']}` "
            f"({doc['updated']}; it replaced only the rows it ran).  ",
+           machines_line(doc["results"]),
            "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
            table(doc["results"]), ""]
     cat = catalogue_table(doc["results"])
@@ -288,8 +308,9 @@ def main(argv=None) -> int:
                         # Truth is reloaded per score, not kept: the next worker gets the memory.
                         entry["scores"] = score.score(pairdir, args.work / "runs" / key / m)
                 logger.info("%s %s: %s", key, m, {k: v for k, v in entry.items() if k != "scores"})
+                entry["machine"] = machine()["cpu"]
                 doc["results"].setdefault(key, {})[m] = entry
-                doc.update(machine=machine(), versions=versions(),
+                doc.update(machine=machine(), versions=merged_versions(doc.get("versions", {})),
                            command="bash benchmarks/peers/run.sh " + shlex.join(sys.argv[1:] if argv is None else argv),
                            updated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
                 jpath.write_text(json.dumps(doc, indent=1, default=float))

@@ -152,7 +152,10 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
     nodata = validate_pixels(image, path)
     mask = np.zeros(image.shape, masks.MASK_DTYPE)
     mask[nodata] = masks.bit("NO_DATA")
-    raw = np.where(nodata, np.float32(0), image).astype(np.float32, copy=False)
+    if image.dtype == np.float32 and not nodata.any():
+        raw = image  # (only read from here on: no copy of a clean float32 image)
+    else:
+        raw = np.where(nodata, np.float32(0), image).astype(np.float32, copy=False)
     saturation = saturation or float(np.nanmax(image)) * 1.001
     sat = find_saturated(raw, saturation=saturation)
     sat |= find_bleed_trails(raw, sat, saturation=saturation)
@@ -167,7 +170,7 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
         bkg = sep_background(raw, np.where(objects, masks.bit("DETECTED"), mask),
                              box=config.background_box).back(dtype=np.float32)
         variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
-        sub = raw - bkg
+        np.subtract(raw, bkg, out=sub)
     else:  # too crowded for a sky between the sources: keep the first pass
         logger.warning("%s: sources cover %.0f%% of the image; sky from the first pass only",
                        path, 100 * objects.mean())

@@ -432,17 +432,29 @@ class FourierImage:
                       scipy.fft.next_fast_len(nx + max_kernel_size - 1, real=True))
         self.transform = scipy.fft.rfft2(image, self.shape, workers=FFT_WORKERS)
 
-    def convolve(self, kernel: np.ndarray) -> np.ndarray:
-        """``image (x) kernel``, same shape as the image (kernel centred at ``K // 2``)."""
+    def convolve(self, kernel: np.ndarray, *, last: bool = False) -> np.ndarray:
+        """``image (x) kernel``, same shape as the image (kernel centred at ``K // 2``).
+
+        ``last=True`` frees the stored transform before the inverse FFT,
+        which saves one padded complex image of memory (~70 MB at 4k) but
+        leaves the object unusable: for the last (or only) kernel.
+        """
+        if self.transform is None:
+            raise RuntimeError("FourierImage.convolve called after convolve(last=True)")
         kernel = np.asarray(kernel, dtype=self.dtype)
         size = kernel.shape[0] if kernel.ndim == 2 else 0
         if kernel.shape != (size, size) or size % 2 == 0 or size > self.max_kernel_size:
             raise ValueError(f"kernel must be square, odd and at most {self.max_kernel_size} "
                              f"px, got shape {kernel.shape}")
-        prod = self.transform * _small_kernel_rfft2(kernel, self.shape)
+        prod = _small_kernel_rfft2(kernel, self.shape)
+        prod *= self.transform  # (in place: bit-identical to a new product array)
+        if last:
+            self.transform = None
         c = size // 2
         ny, nx = self.image_shape
-        out = scipy.fft.irfft2(prod, self.shape, workers=FFT_WORKERS)
+        # the product is not needed afterwards: let the inverse transform work in it
+        out = scipy.fft.irfft2(prod, self.shape, workers=FFT_WORKERS, overwrite_x=True)
+        del prod
         return np.ascontiguousarray(out[c:c + ny, c:c + nx])
 
 
@@ -470,7 +482,7 @@ def fft_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     float32 input gives float32 output.  See :class:`FourierImage`.
     """
     kernel = np.asarray(kernel)
-    return FourierImage(image, kernel.shape[0]).convolve(kernel)
+    return FourierImage(image, kernel.shape[0]).convolve(kernel, last=True)
 
 
 def _filled(data, fill_mask) -> np.ndarray:

@@ -91,6 +91,10 @@ _DEBIAS_KEEP = 0.1
 # Small helpers
 # --------------------------------------------------------------------------
 
+#: Rows per block in :func:`poly_field`.
+_POLY_ROWS = 256
+
+
 def poly_field(coeffs: np.ndarray, order: int, shape: tuple[int, int], *,
                width: int | None = None, height: int | None = None,
                dtype=np.float32) -> np.ndarray:
@@ -105,11 +109,13 @@ def poly_field(coeffs: np.ndarray, order: int, shape: tuple[int, int], *,
     u = (2.0 * np.arange(nx) / max(width - 1, 1) - 1.0).astype(dtype)
     v = (2.0 * np.arange(ny) / max(height - 1, 1) - 1.0).astype(dtype)
     out = np.zeros(shape, dtype=dtype)
-    idx = 0
-    for deg in range(order + 1):
-        for j in range(deg + 1):
-            out += (coeffs[idx] * v**j)[:, None].astype(dtype) * (u ** (deg - j))[None, :]
-            idx += 1
+    for r0 in range(0, ny, _POLY_ROWS):  # in row blocks: no image-sized temporaries
+        block, vb = out[r0:r0 + _POLY_ROWS], v[r0:r0 + _POLY_ROWS]
+        idx = 0
+        for deg in range(order + 1):
+            for j in range(deg + 1):
+                block += (coeffs[idx] * vb**j)[:, None].astype(dtype) * (u ** (deg - j))[None, :]
+                idx += 1
     return out
 
 
@@ -226,11 +232,11 @@ class MatchingKernel:
         u = (2.0 * np.arange(nx) / max(self.width - 1, 1) - 1.0).astype(image.dtype)
         v = (2.0 * np.arange(ny) / max(self.height - 1, 1) - 1.0).astype(image.dtype)
         fim = FourierImage(image, self.size)  # one forward FFT for all spatial terms
-        out = fim.convolve(self.images[0])
+        out = fim.convolve(self.images[0], last=len(self.images) == 1)
         s = 1
         for deg in range(1, self.order + 1):
             for j in range(deg + 1):
-                term = fim.convolve(self.images[s])
+                term = fim.convolve(self.images[s], last=s == len(self.images) - 1)
                 if deg - j:
                     term *= (u ** (deg - j))[None, :]
                 if j:
@@ -853,10 +859,18 @@ def _unusable(exp: Exposure, planes) -> np.ndarray:
     return bad
 
 
-def _prepare(exp: Exposure, bad: np.ndarray, psf: PsfModel) -> Exposure:
-    """Exposure whose unusable pixels (``bad``) have image and variance 0 (new arrays)."""
-    return Exposure(image=np.where(bad, np.float32(0), exp.image),
-                    variance=np.where(bad, np.float32(0), exp.variance), mask=exp.mask, psf=psf)
+def _prepare(exp: Exposure, bad: np.ndarray, psf: PsfModel, in_place: bool) -> Exposure:
+    """Exposure whose unusable pixels (``bad``) have image and variance 0.
+
+    New arrays, or with ``in_place`` the planes of ``exp`` themselves (float32).
+    """
+    if not in_place:
+        return Exposure(image=np.where(bad, np.float32(0), exp.image),
+                        variance=np.where(bad, np.float32(0), exp.variance), mask=exp.mask,
+                        psf=psf)
+    for plane in (exp.image, exp.variance):
+        np.copyto(plane, np.float32(0), where=bad)
+    return Exposure(image=exp.image, variance=exp.variance, mask=exp.mask, psf=psf)
 
 
 def _fit_kernel(a: Exposure, b: Exposure, bad, basis, *, spatial_order, background_order,
@@ -927,7 +941,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                     wing_degree: int | None = 2,
                     fallback: bool = True, candidate_min_snr: float = 20.0,
                     candidate_cell_size: int = 512,
-                    max_candidates: int = 150) -> SubtractionResult:
+                    max_candidates: int = 150,
+                    overwrite_inputs: bool = False) -> SubtractionResult:
     """PSF-match and subtract a template from a science exposure.
 
     Parameters
@@ -971,6 +986,11 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         ``kernel_source = "psf_models"``) instead of raising.
     candidate_min_snr, candidate_cell_size, max_candidates
         Kernel-candidate selection (see :func:`select_kernel_candidates`).
+    overwrite_inputs : bool
+        Let the function set the unusable pixels of ``science.image``,
+        ``.variance``, ``template.image`` and ``.variance`` to 0 in place
+        instead of working on copies (four fewer image-sized arrays: ~270 MB
+        at 4k).  Only for callers that do not need those planes afterwards.
 
     Returns
     -------
@@ -999,8 +1019,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     else:
         a_exp, b_exp, psf_a, psf_b = science, template, science.psf, template.psf
     bad_a, bad_b = _unusable(a_exp, _GROWN_PLANES), _unusable(b_exp, _GROWN_PLANES)
-    a = _prepare(a_exp, bad_a, psf_a)
-    b = _prepare(b_exp, bad_b, psf_b)
+    a = _prepare(a_exp, bad_a, psf_a, overwrite_inputs)
+    b = _prepare(b_exp, bad_b, psf_b, overwrite_inputs)
     bad_a |= bad_b  # from here on: unusable in either image
     sa, sb = psf_a.fwhm() / FWHM_PER_SIGMA, psf_b.fwhm() / FWHM_PER_SIGMA
     sigmas, degrees = basis_sigmas(sa, sb, len(basis_degrees)), tuple(basis_degrees)
@@ -1055,9 +1075,10 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     sq_c = float((kc**2).sum())
     # local sum(k^2) relative to the centre (kernel sum^2 scales it to first order)
     ksum = kern.sum_field(shape)
-    k2_field = (ksum / float(kc.sum())) ** 2
-    var_a = fft_convolve(a.variance, kc**2) * k2_field
+    var_a = fft_convolve(a.variance, kc**2)
+    var_a *= (ksum / float(kc.sum())) ** 2
     resid = b.image - conv
+    del conv
     hg = min(hk, footprint_radius(kc) + 1)
     mask = _difference_mask(science, template, a.mask, hg)
     nan_pix = masks.any_set(mask, *_NAN_PLANES)
@@ -1074,7 +1095,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     else:
         diff = -resid / ksum
         norm2 = ksum**2
-    del resid
+    del resid, ksum
     diff[zero_pix] = 0.0
     phi = None
     var_b = b.variance
@@ -1088,8 +1109,11 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         good = ~zero_pix
         sig_a = float(np.median(a.variance[good]))
         sig_b = float(np.median(var_b[good]))
+        del good
         phi = decorrelation_kernel(kc, sig_a, sig_b, 2 * hk + 1)
-        diff = fft_convolve(diff, phi)
+        fim = FourierImage(diff, phi.shape[0])
+        del diff  # (one image less at the peak of the pair subtraction)
+        diff = fim.convolve(phi, last=True)
         diff[zero_pix] = 0.0
         # local propagation for slowly varying variances (exact for white noise):
         # var = sum(phi^2) var_B + sum((phi (x) k)^2) / sum(k^2) * (k^2 (x) var_A)
@@ -1099,7 +1123,6 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         var = var_b + var_a
     if norm2 is not None:
         var = var / norm2
-    del conv
     diff = diff.astype(np.float32)
     var = var.astype(np.float32)
     diff[nan_pix] = np.nan
@@ -1123,7 +1146,8 @@ def residual_background(resid: np.ndarray, good: np.ndarray, order: int, *, box:
     ncoef = n_poly_terms(order)
     if nby * nbx < 2 * ncoef:
         return np.zeros(ncoef)
-    sub = np.where(good, resid, np.nan)[:nby * box:step, :nbx * box:step]
+    cut = (slice(0, nby * box, step), slice(0, nbx * box, step))
+    sub = np.where(good[cut], resid[cut], np.nan)
     b = box // step
     blocks = sub.reshape(nby, b, nbx, b).transpose(0, 2, 1, 3).reshape(nby, nbx, b * b)
     cnt = np.isfinite(blocks).sum(axis=2)
