@@ -111,3 +111,26 @@ def test_object_mask_removes_the_sky_bias_of_a_crowded_field():
     assert np.mean(first - sky) > 1.5          # the bias to remove
     assert abs(np.mean(second - sky)) < 0.5    # mesh-median noise ~0.3 e-
     assert np.abs(second - sky).max() < 0.3 * np.abs(first - sky).max()
+
+
+def test_object_mask_treats_non_finite_and_negative_values_as_empty():
+    """NaN/inf pixels count as 0 and negative variances as 0: the mask equals the
+    one of a cleaned copy, and a clean input is used as is (never modified)."""
+    from diffim.background import object_mask
+
+    rng = np.random.default_rng(8)
+    image = rng.normal(0.0, 10.0, (256, 256)).astype(np.float32)
+    image[100:104, 100:104] += 2000.0
+    var = np.full(image.shape, 100.0, np.float32)
+    dirty, dirty_var = image.copy(), var.copy()
+    dirty[10:12, 30:40], dirty[200, 5] = np.nan, np.inf
+    dirty_var[50:52, 60:70], dirty_var[70, 70] = -5.0, np.nan
+    clean, clean_var = dirty.copy(), dirty_var.copy()
+    clean[~np.isfinite(clean)] = 0.0
+    clean_var[~np.isfinite(clean_var) | (clean_var < 0)] = 0.0
+    expected = object_mask(clean, clean_var, 3.0, bin_factor=1)
+    np.testing.assert_array_equal(object_mask(dirty, dirty_var, 3.0, bin_factor=1), expected)
+    assert expected[102, 102] and expected.mean() < 0.1
+    before = clean.copy()
+    object_mask(clean, clean_var, 3.0, bin_factor=1)
+    np.testing.assert_array_equal(clean, before)

@@ -178,6 +178,22 @@ def variance_plane(image_e: np.ndarray, *, read_noise: float, gain: float = 1.0,
     return var
 
 
+def _finite(values: np.ndarray, minimum: float | None = None) -> np.ndarray:
+    """float32 ``values`` with NaN/inf set to 0 (and clipped at ``minimum``).
+
+    Returns the input itself (no copy: callers only read it) when nothing
+    needs changing, which is the usual case and saves a 4k image's copy.
+    """
+    values = np.asarray(values)
+    if (values.dtype == np.float32 and np.isfinite(values).all()
+            and (minimum is None or values.min() >= minimum)):
+        return values
+    out = np.nan_to_num(np.array(values, np.float32), copy=False, nan=0, posinf=0, neginf=0)
+    if minimum is not None:
+        np.maximum(out, minimum, out=out)
+    return out
+
+
 def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
                 nsigma: float = 5.0, grow_fwhm: float = 2.0, bright_nsigma: float = 1000.0,
                 bright_grow_fwhm: float = 5.0, bin_factor: int | None = None) -> np.ndarray:
@@ -208,10 +224,7 @@ def object_mask(image_bkgsub: np.ndarray, variance: np.ndarray, fwhm: float, *,
 
     ny, nx = image_bkgsub.shape
     f = bin_factor or (4 if min(ny, nx) >= 2048 else 2 if min(ny, nx) >= 512 else 1)
-    data = np.nan_to_num(np.array(image_bkgsub, np.float32), copy=False, nan=0, posinf=0, neginf=0)
-    var = np.nan_to_num(np.array(variance, np.float32), copy=False, nan=0, posinf=0, neginf=0)
-    np.maximum(var, 0, out=var)
-    data, var = bin_sum(data, f), bin_sum(var, f)
+    data, var = bin_sum(_finite(image_bkgsub), f), bin_sum(_finite(variance, minimum=0.0), f)
     fb = max(fwhm / f, 1.0)
     g = gaussian_kernel(fb, max(2 * int(np.ceil(1.5 * fb)) + 1, 5)).astype(np.float32)
     num = fft_convolve(data, g)
