@@ -41,6 +41,7 @@ from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
 from .errors import AstrometryError
+from .stats import robust_std
 
 logger = logging.getLogger(__name__)
 
@@ -679,7 +680,7 @@ def _fit_clipped(x, y, ra, dec, centre, crval, order, clip, min_matches, *,
         scale_deg = np.sqrt(abs(np.linalg.det(_cd_matrix(model))))
         rx, ry = dxi / scale_deg, deta / scale_deg
         both = np.concatenate([rx[keep], ry[keep]])
-        sigma = 1.4826 * np.median(np.abs(both - np.median(both)))
+        sigma = robust_std(both)
         sigma = max(sigma, 1e-4)  # noiseless inputs: avoid clipping everything
         new_keep = (np.abs(rx) <= clip * sigma) & (np.abs(ry) <= clip * sigma)
         if np.array_equal(new_keep, keep):

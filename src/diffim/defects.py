@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from . import masks
 from .psf import gaussian_kernel
+from .stats import robust_std
 
 logger = logging.getLogger(__name__)
 
@@ -214,14 +215,6 @@ def _block_medians(d: np.ndarray, block: int) -> np.ndarray:
     return med
 
 
-def _robust_sigma(values: np.ndarray) -> float:
-    """1.4826 x median absolute deviation of the finite values."""
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
-
-
 def find_bad_columns(image: np.ndarray, variance: np.ndarray,
                      mask: np.ndarray | None = None, *, nsigma: float = 6.0,
                      block: int = 128, window: int = 31, min_length: int = 64
@@ -272,8 +265,8 @@ def find_bad_columns(image: np.ndarray, variance: np.ndarray,
     dev = med - np.nanmedian(med)
     # scatter of block medians (robust: few columns are bad), floored by the
     # noise expected of a median of `block` residuals (1.2533 sigma / sqrt(n))
-    sig_d = _robust_sigma(d[::7, ::7])
-    scale = max(_robust_sigma(dev), 1.2533 * sig_d / np.sqrt(block))
+    sig_d = robust_std(d[::7, ::7])
+    scale = max(robust_std(dev), 1.2533 * sig_d / np.sqrt(block))
     with np.errstate(invalid="ignore"):
         cols = np.nonzero((np.abs(dev) > nsigma * scale).any(axis=0))[0]
     if cols.size == 0:

@@ -45,6 +45,8 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from .stats import robust_std
+
 logger = logging.getLogger(__name__)
 
 #: Default bin edges of the expected S/N (|expected flux| / noise).
@@ -423,15 +425,6 @@ def _num(x):
     """A JSON-safe float: None for NaN or infinity."""
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def robust_std(values) -> float:
-    """1.4826 x median absolute deviation of the finite values (NaN if none)."""
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
 #: Sampling error of :func:`robust_std` for n Gaussian values: this / sqrt(n)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import CalibrationError
+from .stats import robust_std
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def fit_zeropoint(inst_flux_e, inst_flux_err, ref_mag, ref_mag_err=None, *,
     sig_i = np.sqrt((_MAG_PER_FRAC * ferr[ok] / flux[ok]) ** 2 + rerr[ok] ** 2 + floor_mag**2)
     zp, zp_err, keep, scale = _clipped_mean(zp_i, sig_i, clip, min_stars, max_iter)
     resid = zp_i[keep] - zp
-    scatter = float(1.4826 * np.median(np.abs(resid - np.median(resid))))
+    scatter = robust_std(resid)
     result = ZeropointResult(zeropoint=float(zp), zeropoint_err=float(zp_err),
                              n_used=int(keep.sum()), n_rejected=int(n_ok - keep.sum()),
                              scatter_mag=scatter)

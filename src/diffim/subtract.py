@@ -65,6 +65,7 @@ from .exposure import Exposure
 from .kernel import FourierImage, dilate, fft_convolve
 from .psf import FWHM_PER_SIGMA, PsfModel, n_poly_terms, poly_terms
 from .residuals import random_effect
+from .stats import robust_std
 
 logger = logging.getLogger(__name__)
 
@@ -117,14 +118,6 @@ def poly_field(coeffs: np.ndarray, order: int, shape: tuple[int, int], *,
                 block += (coeffs[idx] * vb**j)[:, None].astype(dtype) * (u ** (deg - j))[None, :]
                 idx += 1
     return out
-
-
-def _robust_std(values: np.ndarray) -> float:
-    """1.4826 x median absolute deviation of the finite values (nan if none)."""
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
 # --------------------------------------------------------------------------
@@ -1174,4 +1167,4 @@ def _noise_ratio(diff: Exposure, step: int = 3) -> float:
     var = diff.variance[::step, ::step]
     bad = masks.any_set(diff.mask[::step, ::step], *masks.BAD_FOR_FIT)
     good = ~bad & np.isfinite(img) & np.isfinite(var) & (var > 0)
-    return _robust_std(img[good] / np.sqrt(var[good]))
+    return robust_std(img[good] / np.sqrt(var[good]))
