@@ -104,7 +104,7 @@ def _calexp_planes(raw):
     return raw - bkg, var
 
 
-@pytest.fixture(scope="module", params=[3.0, 5.0, 8.0], ids=lambda f: f"fwhm{f:g}")
+@pytest.fixture(scope="module", params=[2.5, 3.0, 5.0, 8.0], ids=lambda f: f"fwhm{f:g}")
 def exposure(request):
     fwhm = request.param
     raw, truth = make_exposure(fwhm, seed=int(fwhm * 10))
@@ -142,6 +142,25 @@ def test_star_cores_not_cosmic_rays(exposure):
     assert hit / n < 0.01
     # and no CR mask far from a true cosmic ray at all (no spurious hits on wings)
     assert (cr & ~ndimage.binary_dilation(truth["cr"] > 0, iterations=2)).sum() <= 10
+
+
+def test_cosmic_ray_tracks_found_at_two_pixel_fwhm():
+    """At FWHM 2 px a star is nearly as sharp as a one-pixel hit: fewer CR pixels are
+    separable, but tracks are (the median bound over directions: 88.6 % measured here,
+    46.7 % with a mean over directions) and star cores stay unmasked."""
+    raw, truth = make_exposure(2.0, seed=20)
+    image, var = _calexp_planes(raw)
+    mask = find_defects(image, var, saturation=SATURATION, psf_fwhm_px=2.0, raw_image=raw)
+    cr = masks.any_set(mask, "CR")
+    strong = (truth["cr"] > 5 * np.sqrt(var)) & ~masks.any_set(mask, "SAT", "BAD")
+    assert strong.sum() > 500
+    assert cr[strong].mean() >= 0.85
+    near_true_cr = ndimage.binary_dilation(truth["cr"] > 0, iterations=3)
+    cores = [cr[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3].any()
+             for x, y, _ in truth["stars"]
+             if not near_true_cr[int(round(y)) - 2:int(round(y)) + 3,
+                                 int(round(x)) - 2:int(round(x)) + 3].any()]
+    assert len(cores) > 250 and np.mean(cores) < 0.01
 
 
 def test_bad_columns_and_bleed_trails_fully_masked(exposure):
