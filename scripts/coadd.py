@@ -15,7 +15,7 @@ from diffim.coadd import assemble_coadd, typical_variance, visit_weights
 from diffim.exposure import Exposure
 from diffim.masks import bit
 from diffim.io import WarpRowReader, read_header, write_exposure, write_table
-from diffim.psf import PsfModel
+from diffim.psf import PsfModel, kernel_size_for
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
 from diffim.tables import COADD_INPUTS_SCHEMA
@@ -90,7 +90,8 @@ def main(warp_paths, out, coadd_cfg, candidates, skymap_text, model_fwhm_arcsec,
         extra = [fits.ImageHDU(np.zeros(shape, np.int16), name="NIMAGE"),
                  fits.ImageHDU(np.zeros(shape, np.float32), name="WEIGHTSUM")]
         logger.warning("coadd %s %s: no usable input visit", band, patch)
-    psf = PsfModel.model(model_fwhm_arcsec / pixel_scale_arcsec(wcs), kernel_size,
+    model_px = model_fwhm_arcsec / pixel_scale_arcsec(wcs)
+    psf = PsfModel.model(model_px, kernel_size_for(model_px, kernel_size),
                           width=shape[1], height=shape[0])
     meta = dict(BAND=band, PATCH=patch, BUNIT="nJy", NINPUTS=len(paths),
                 MODELFWH=model_fwhm_arcsec, METHOD=coadd_cfg["method"],

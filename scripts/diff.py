@@ -7,6 +7,7 @@ failed status with the reason and an empty DIASource table.
 """
 
 import traceback
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from diffim.detect import detect_dia_sources, noise_terms, significance_maps
 from diffim.errors import DiffimError, NoOverlapError
 from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
                        write_exposure, write_json, write_table)
+from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
@@ -76,8 +78,12 @@ def main(inp, out, params, wildcards, log=None):
             raise NoOverlapError(f"visit {visit} detector {detector}: no coadd of band "
                                  f"{calexp.meta['BAND']} with any input covers it (see coadd_inputs)")
         science = to_njy(calexp)
-        psf = template_psf(patches[0].meta["MODELFWH"], calexp.meta["PIXSCALE"],
-                           calexp.psf.kernel_size, calexp.shape)
+        # the model PSF may need a larger kernel than this visit's PSF: both get the larger
+        size = kernel_size_for(patches[0].meta["MODELFWH"] / calexp.meta["PIXSCALE"],
+                               calexp.psf.kernel_size)
+        science = replace(science, psf=science.psf.padded(size))
+        psf = template_psf(patches[0].meta["MODELFWH"], calexp.meta["PIXSCALE"], size,
+                           calexp.shape)
         template = stitch_template(patches, calexp.wcs, calexp.shape, psf)
         result = subtract_images(science, template, mode=cfg["mode"],
                                  kernel_spatial_order=cfg["kernel_spatial_order"],

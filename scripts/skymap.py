@@ -10,7 +10,6 @@ import pandas as pd
 
 from diffim.coadd import select_inputs
 from diffim.config import resolve_model_fwhm
-from diffim.errors import ConfigError
 from diffim.io import atomic_path, read_json, write_table
 from diffim.runlog import setup_logging
 from diffim.skymap import make_skymap
@@ -28,17 +27,16 @@ def load_ok_qa(files) -> pd.DataFrame:
     return pd.DataFrame(ok)
 
 
-def model_fwhms(qa: pd.DataFrame, coadd_cfg: dict, kernel_size: int) -> dict:
-    """Per band: (model FWHM in arcsec, seeing cut in arcsec)."""
+def model_fwhms(qa: pd.DataFrame, coadd_cfg: dict) -> dict:
+    """Per band: (model FWHM in arcsec, seeing cut in arcsec).
+
+    Any model FWHM goes: the warps, coadds and templates widen their kernels to
+    hold it (:func:`diffim.psf.kernel_size_for`).
+    """
     out = {}
     for band, rows in qa.groupby("band"):
         scale = float(np.median(rows["pixel_scale"]))
         model_px, cut_px = resolve_model_fwhm(coadd_cfg, rows["fwhm_px"].to_numpy(), scale)
-        if model_px > kernel_size / 4.0:
-            raise ConfigError(
-                f"band {band}: the model PSF FWHM {model_px:.2f} px does not fit in "
-                f"psf.kernel_size = {kernel_size} px (needs >= 4 x FWHM); raise psf.kernel_size "
-                f"to at least {int(np.ceil(4 * model_px)) | 1} or lower coadd.model_fwhm")
         out[band] = (model_px * scale, cut_px * scale)
     return out
 
@@ -65,7 +63,7 @@ def overlap_rows(qa, skymap, fwhms, coadd_cfg) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(qa_files, out, skymap_cfg, coadd_cfg, psf_cfg, log=None):
+def main(qa_files, out, skymap_cfg, coadd_cfg, log=None):
     logger = setup_logging(log)
     qa = load_ok_qa(qa_files)
     scale = skymap_cfg["pixel_scale"] or float(np.median(qa["pixel_scale"]))
@@ -73,7 +71,7 @@ def main(qa_files, out, skymap_cfg, coadd_cfg, psf_cfg, log=None):
                          pixel_scale_arcsec=scale, patch_inner=skymap_cfg["patch_inner"],
                          patch_border=skymap_cfg["patch_border"],
                          margin_arcsec=FOOTPRINT_MARGIN_ARCSEC)
-    fwhms = model_fwhms(qa, coadd_cfg, psf_cfg["kernel_size"])
+    fwhms = model_fwhms(qa, coadd_cfg)
     table = overlap_rows(qa, skymap, fwhms, coadd_cfg)
     for band, (model, cut) in fwhms.items():
         logger.info("band %s: model PSF FWHM %.3f arcsec, seeing cut %.3f arcsec", band, model, cut)
@@ -86,4 +84,4 @@ def main(qa_files, out, skymap_cfg, coadd_cfg, psf_cfg, log=None):
 
 if "snakemake" in globals():
     main(snakemake.input.qa, snakemake.output, snakemake.params.skymap,
-         snakemake.params.coadd, snakemake.params.psf, snakemake.log[0])
+         snakemake.params.coadd, snakemake.log[0])

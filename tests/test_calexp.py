@@ -26,3 +26,27 @@ def test_unusable_images_are_refused(fill, other, message):
         img[2, 2] = other
     with pytest.raises(InputError, match=r"bad\.fits: .*" + message.replace("(", r"\(").replace(")", r"\)")):
         validate_pixels(img, "bad.fits")
+
+
+def test_broad_seeing_widens_the_psf_model():
+    """A FWHM of 14 px does not fit the default 41-px model (4 x FWHM = 56): the calexp
+    stage widens the model instead of failing, and the fitted PSF has the true width."""
+    from diffim.calexp import CalexpConfig, characterize
+    from diffim.psf import gaussian_kernel
+
+    rng = np.random.default_rng(5)
+    n, fwhm, size = 1024, 14.0, 121
+    image = np.full((n, n), 1000.0)
+    h = size // 2
+    for _ in range(120):
+        x, y = rng.uniform(h + 5, n - h - 5, 2)
+        ix, iy = int(round(x)), int(round(y))
+        stamp = gaussian_kernel(fwhm, size, dx=x - ix, dy=y - iy)
+        image[iy - h:iy + h + 1, ix - h:ix + h + 1] += rng.uniform(2e4, 5e5) * stamp
+    image = rng.poisson(image).astype(np.float32)
+    ch = characterize(image, config=CalexpConfig(kernel_size=41), read_noise=5.0, path="broad")
+    k = ch.psf_fit.psf.kernel_size
+    assert k >= 57 and k % 2 == 1                      # holds 4 x FWHM
+    # the sampled Gaussian's moments FWHM is the input's; 3 % allows for noise and blends
+    assert ch.psf_fit.fwhm_px == pytest.approx(fwhm, rel=0.03)
+    assert ch.psf_fit.n_stars >= 8

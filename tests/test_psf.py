@@ -47,3 +47,18 @@ def test_padded_model_is_the_same_psf():
     assert model.padded(21) is model
     with pytest.raises(ValueError, match="cannot pad"):
         model.padded(11)
+
+
+def test_kernel_size_for_holds_four_fwhm():
+    from diffim.psf import MAX_FWHM_FRACTION, kernel_size_for
+    assert MAX_FWHM_FRACTION == 0.25
+    assert kernel_size_for(5.0, 41) == 41             # 4 x 5 = 20 px fit easily
+    assert kernel_size_for(10.25, 41) == 41           # exactly 41 / 4
+    assert kernel_size_for(10.3, 41) == 43            # 41.2 -> next odd size
+    assert kernel_size_for(14.0, 21, margin=1.2) == 69  # 4 x 16.8 = 67.2 -> 69
+    for fwhm in np.linspace(0.5, 40.0, 80):
+        k = kernel_size_for(fwhm, 11)
+        assert k % 2 == 1 and k >= 11 and fwhm <= MAX_FWHM_FRACTION * k
+        assert k == 11 or fwhm > MAX_FWHM_FRACTION * (k - 2)  # the smallest that holds it
+    with pytest.raises(ValueError):
+        kernel_size_for(float("nan"), 41)

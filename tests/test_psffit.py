@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffim.errors import NoUsableStarsError, PsfFitError
+from diffim.errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
 from diffim.psf import PsfModel, gaussian_kernel, moffat_kernel, moments_fwhm
 from diffim.psffit import choose_order, fit_psf, fourier_shift, measure_psf_flux
 from diffim.sources import detect_sources, select_psf_stars
@@ -88,8 +88,10 @@ def test_kernel_too_small_raises_clear_error():
                           psf=lambda dx, dy: gaussian_kernel(7.0, 61, dx=dx, dy=dy))
     cat = detect_sources(data, var, None, psf_fwhm_px=7.0)
     stars = select_psf_stars(cat, data, None, kernel_size=21)
-    with pytest.raises(PsfFitError, match=r"too large for psf.kernel_size=21; increase"):
+    with pytest.raises(PsfKernelTooSmallError, match=r"too large for a 21-px PSF model") as err:
         fit_psf(data, var, None, stars, kernel_size=21)
+    # FWHM 7 px (as fitted) needs 4 x 7 = 28 -> 29 px
+    assert isinstance(err.value, PsfFitError) and 29 <= err.value.needed <= 31
 
 
 def test_too_few_stars_and_order_choice():

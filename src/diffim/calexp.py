@@ -19,9 +19,11 @@ from . import masks
 from .astrometry import fit_wcs
 from .background import object_mask, sep_background, variance_plane
 from .defects import add_column_and_cosmic_ray_defects, find_bleed_trails, find_saturated
-from .errors import CalibrationError, InputError, NoUsableStarsError
+from .errors import (CalibrationError, InputError, NoUsableStarsError, PsfFitError,
+                     PsfKernelTooSmallError)
 from .exposure import Exposure
 from .photometry import fit_zeropoint, njy_per_electron
+from .psf import MAX_AUTO_KERNEL_SIZE, kernel_size_for
 from .psffit import fit_psf, measure_psf_flux
 from .sources import detect_sources, estimate_psf_fwhm, select_psf_stars
 
@@ -183,17 +185,46 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
                                  f"{config.detect_threshold} sigma (cloudy, empty or broken image)")
     if config.kernel_size is None:
         config = replace(config, kernel_size=auto_kernel_size(fwhm0))
+    else:  # the configured size is a minimum: broad seeing widens it
+        config = _kernel_for_seeing(config, kernel_size_for(fwhm0, config.kernel_size,
+                                                            margin=SEEING_MARGIN), fwhm0, path)
+    try:
+        stars, psf_fit = _fit_psf_model(sources, sub, variance, mask, config, saturation, path)
+    except PsfKernelTooSmallError as exc:  # the fitted PSF is broader than the first estimate
+        config = _kernel_for_seeing(config, exc.needed, fwhm0, path)
+        stars, psf_fit = _fit_psf_model(sources, sub, variance, mask, config, saturation, path)
+    _add_edge_mask(mask, config.kernel_size)
+    return Characterization(image=sub, variance=variance, mask=mask, background=bkg,
+                            sources=sources, stars=stars, psf_fit=psf_fit,
+                            saturation=float(saturation))
+
+
+#: Safety factor on the first seeing estimate (a central cut-out) when the
+#: PSF-model size is widened for it; a fit that is broader still is refitted.
+SEEING_MARGIN = 1.2
+
+
+def _kernel_for_seeing(config: CalexpConfig, size: int, fwhm: float, path: str) -> CalexpConfig:
+    """``config`` with ``kernel_size`` raised to ``size`` (logged), or a clear error."""
+    if size > MAX_AUTO_KERNEL_SIZE:
+        raise PsfFitError(f"{path}: the PSF (FWHM about {fwhm:.1f} px) would need a {size}-px "
+                          f"model, more than {MAX_AUTO_KERNEL_SIZE} px: out of focus or trailed?")
+    if size > config.kernel_size:
+        logger.info("%s: PSF FWHM %.1f px: PSF model widened from %d to %d px", path, fwhm,
+                    config.kernel_size, size)
+        config = replace(config, kernel_size=int(size))
+    return config
+
+
+def _fit_psf_model(sources, sub, variance, mask, config, saturation, path):
+    """PSF stars for ``config.kernel_size`` and the PSF model fitted to them: ``(stars, fit)``."""
     stars = _psf_stars(sources, sub, mask, config, saturation)
     if len(stars) < config.psf_min_stars:
         raise NoUsableStarsError(
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
             f"(psf.min_stars = {config.psf_min_stars})")
-    psf_fit = fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
-                      order=config.psf_max_order, min_stars=config.psf_min_stars)
-    _add_edge_mask(mask, config.kernel_size)
-    return Characterization(image=sub, variance=variance, mask=mask, background=bkg,
-                            sources=sources, stars=stars, psf_fit=psf_fit,
-                            saturation=float(saturation))
+    return stars, fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
+                          order=config.psf_max_order, min_stars=config.psf_min_stars)
 
 
 def auto_kernel_size(fwhm: float, *, n_fwhm: float = 4.5, minimum: int = 21) -> int:

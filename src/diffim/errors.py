@@ -26,6 +26,14 @@ class PsfFitError(DiffimError):
     """The PSF model could not be fitted."""
 
 
+class PsfKernelTooSmallError(PsfFitError):
+    """The fitted PSF is too broad for its kernel; ``needed`` is the smallest size that holds it."""
+
+    def __init__(self, message: str, needed: int):
+        super().__init__(message)
+        self.needed = int(needed)
+
+
 class AstrometryError(DiffimError):
     """No astrometric solution matching the reference catalog was found."""
 

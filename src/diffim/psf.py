@@ -57,6 +57,39 @@ def n_poly_terms(order: int) -> int:
     return (order + 1) * (order + 2) // 2
 
 
+#: A ``K x K`` PSF kernel holds a PSF of FWHM up to ``MAX_FWHM_FRACTION * K``
+#: (4 FWHM across): the fit refuses broader PSFs, and every stage that builds
+#: a kernel for a given FWHM widens it to this (:func:`kernel_size_for`).
+MAX_FWHM_FRACTION = 0.25
+#: Largest kernel chosen automatically (a PSF of FWHM ~60 px); broader means
+#: an out-of-focus image or a failed seeing estimate, not seeing.
+MAX_AUTO_KERNEL_SIZE = 255
+
+
+def kernel_size_for(fwhm_px: float, minimum: int, *, margin: float = 1.0) -> int:
+    """Smallest odd kernel size, at least ``minimum``, that holds a PSF of ``fwhm_px``.
+
+    Parameters
+    ----------
+    fwhm_px : float
+        FWHM (pixels) the kernel must hold, times ``margin``.
+    minimum : int
+        Odd size (pixels) never gone below (the configured ``psf.kernel_size``).
+    margin : float
+        Safety factor on ``fwhm_px`` (e.g. for a first seeing estimate).
+
+    Returns
+    -------
+    int
+        ``max(minimum, K)`` with ``K`` the smallest odd size with
+        ``margin * fwhm_px <= MAX_FWHM_FRACTION * K``.
+    """
+    if not (np.isfinite(fwhm_px) and fwhm_px > 0):
+        raise ValueError(f"fwhm_px must be a positive number of pixels, got {fwhm_px}")
+    need = int(np.ceil(margin * fwhm_px / MAX_FWHM_FRACTION)) | 1
+    return max(check_kernel_size(minimum), need)
+
+
 def check_kernel_size(size: int) -> int:
     """Validate a kernel size: an odd integer >= 5.  Returns it as ``int``."""
     size = int(size)

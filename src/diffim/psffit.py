@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from . import masks
-from .errors import NoUsableStarsError, PsfFitError
-from .psf import PsfModel, check_kernel_size, moments_fwhm, poly_terms
+from .errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
+from .psf import MAX_FWHM_FRACTION, PsfModel, check_kernel_size, moments_fwhm, poly_terms
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _model_stamps(coeffs, terms):
 def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
             stars: pd.DataFrame, *, kernel_size: int, order: int = 2,
             min_stars: int = 5, clip: float = 4.0, max_iter: int = 6,
-            max_fwhm_fraction: float = 0.25) -> PsfFitResult:
+            max_fwhm_fraction: float = MAX_FWHM_FRACTION) -> PsfFitResult:
     """Fit a spatially varying pixelized PSF model to the given stars.
 
     Parameters
@@ -361,9 +361,9 @@ def _check_fwhm(fwhm, k, fraction):
                           "measured); the PSF stars may be contaminated")
     if fwhm > fraction * k:
         need = int(np.ceil(fwhm / fraction)) | 1
-        raise PsfFitError(
-            f"PSF FWHM {fwhm:.1f} px is too large for psf.kernel_size={k}; increase "
-            f"psf.kernel_size to at least {need}")
+        raise PsfKernelTooSmallError(
+            f"PSF FWHM {fwhm:.1f} px is too large for a {k}-px PSF model (needs at least "
+            f"{need} px)", need)
 
 
 def measure_psf_flux(image: np.ndarray, variance: np.ndarray, psf_kernel, x, y, *,

@@ -10,6 +10,7 @@ converted from electrons to nJy here, once (:func:`to_njy`).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 from astropy.wcs import WCS
@@ -19,7 +20,7 @@ from .calexp import pixel_scale_arcsec
 from .errors import NoOverlapError, PsfFitError
 from .exposure import Exposure
 from .kernel import can_match, match_exposure
-from .psf import PsfModel, model_psf_kernel
+from .psf import PsfModel, kernel_size_for, model_psf_kernel
 from .warp import warp_exposure
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,13 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     NoOverlapError
         The calexp does not reach the patch.
     """
-    size = calexp.psf.kernel_size
     scale = pixel_scale_arcsec(calexp.wcs)
+    patch_scale = pixel_scale_arcsec(patch_wcs)
+    # one size for the visit PSF, the model PSF and the kernel: the visit's, widened
+    # when the model PSF (in either pixel grid) needs more
+    size = kernel_size_for(model_fwhm_arcsec / min(scale, patch_scale), calexp.psf.kernel_size)
+    if size > calexp.psf.kernel_size:
+        calexp = replace(calexp, psf=calexp.psf.padded(size))
     model = model_psf_kernel(model_fwhm_arcsec / scale, size)
     for x, y in _check_points(calexp.shape):
         ok, reason = can_match(calexp.psf.at(x, y), model)
@@ -109,7 +115,6 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     sub_wcs = patch_wcs.deepcopy()
     sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
-    patch_scale = pixel_scale_arcsec(patch_wcs)
     psf = PsfModel.model(model_fwhm_arcsec / patch_scale, size,
                           width=patch_shape[1], height=patch_shape[0])
     meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")

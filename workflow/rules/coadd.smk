@@ -12,7 +12,6 @@ checkpoint skymap:
     params:
         skymap=config["skymap"],
         coadd=config["coadd"],
-        psf=config["psf"],
     log:
         path("logs", "skymap.log"),
     threads: 1
