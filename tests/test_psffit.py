@@ -94,6 +94,20 @@ def test_kernel_too_small_raises_clear_error():
     assert isinstance(err.value, PsfFitError) and 29 <= err.value.needed <= 31
 
 
+def test_undersampled_psf_is_fitted():
+    """A PSF of FWHM 1.5 px (0.7"/px in 1" seeing): the fitted model's size used to be
+    undefined (adaptive moments collapsing onto one pixel), which failed the visit as
+    'degenerate'.  Requirement: a model whose FWHM is within 5 % of the truth's."""
+    psf = lambda dx, dy: moffat_kernel(1.5, 61, beta=3.0, dx=dx, dy=dy)  # noqa: E731
+    data, var, _ = _image(seed=6, n_stars=150, psf=psf)
+    cat = detect_sources(data, var, None, psf_fwhm_px=1.5)
+    stars = select_psf_stars(cat, data, None, kernel_size=15)
+    res = fit_psf(data, var, None, stars, kernel_size=15, order=0)
+    assert res.n_stars >= 30
+    true_fwhm = moments_fwhm(moffat_kernel(1.5, 15, beta=3.0))
+    assert res.fwhm_px == pytest.approx(true_fwhm, rel=0.05)
+
+
 def test_too_few_stars_and_order_choice():
     data, var, _ = _image(seed=5, n_stars=3)
     stars = pd.DataFrame({"x": [100.0, 700.0, 1200.0], "y": [100.0, 800.0, 300.0]})

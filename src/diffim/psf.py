@@ -169,47 +169,109 @@ def model_psf_kernel(fwhm: float, size: int) -> np.ndarray:
     return gaussian_kernel(fwhm, size)
 
 
+#: Smallest weight variance (px^2) of the de-weighted moments that size
+#: undersampled kernels (:func:`moments_fwhm`).
+MIN_WEIGHT_VARIANCE = 1.0
+
+
 def moments_fwhm(kernel: np.ndarray) -> float:
     """FWHM (pixels) of the Gaussian with the same adaptive second moments.
 
     Uses Gaussian-weighted adaptive moments (iterated), so that broad wings do
     not dominate; for a Gaussian kernel it returns its FWHM exactly (up to
     sampling).  The size is ``sqrt(det(M))**0.5`` of the moment matrix, i.e. the
-    geometric mean of the two axes.  Returns NaN when the iteration diverges
-    (a noisy or blended stamp).
+    geometric mean of the two axes.
+
+    Below a FWHM of about 2 px the adaptive weight shrinks towards a single
+    pixel and the iteration collapses (FWHM 0 or undefined).  Such kernels are
+    sized by :func:`_deweighted_moments` instead, whose weight is kept at
+    least :data:`MIN_WEIGHT_VARIANCE` wide.  Returns NaN when neither gives a
+    size (a noisy or blended stamp).
     """
     k = np.asarray(kernel, dtype=float)
+    m = _adaptive_moments(k)
+    if m is None or min(m[0], m[1]) < MIN_WEIGHT_VARIANCE:
+        m = _deweighted_moments(k)
+    if m is None:
+        return float("nan")
+    mxx, myy, mxy = m
+    sigma = (mxx * myy - mxy**2) ** 0.25
+    return float(sigma * FWHM_PER_SIGMA)
+
+
+def _centroid_grid(k):
     ny, nx = k.shape
     y, x = np.mgrid[:ny, :nx].astype(float)
     tot = k.sum()
-    xc = (k * x).sum() / tot
-    yc = (k * y).sum() / tot
-    mxx = myy = (min(nx, ny) / 8.0) ** 2
+    return x, y, (k * x).sum() / tot, (k * y).sum() / tot
+
+
+def _weighted(k, x, y, xc, yc, mxx, myy, mxy):
+    """Centroid and second moments of ``k`` under the Gaussian weight ``(mxx, myy, mxy)``."""
+    det = mxx * myy - mxy**2
+    if not (np.isfinite(det) and det > 0 and mxx > 0 and myy > 0):
+        return None
+    dx, dy = x - xc, y - yc
+    kw = k * np.exp(-0.5 * (myy * dx**2 - 2 * mxy * dx * dy + mxx * dy**2) / det)
+    s = kw.sum()
+    if not (np.isfinite(s) and s > 0):
+        return None
+    xn, yn = (kw * x).sum() / s, (kw * y).sum() / s
+    return (xn, yn, (kw * dx**2).sum() / s, (kw * dy**2).sum() / s,
+            (kw * dx * dy).sum() / s)
+
+
+def _adaptive_moments(k):
+    """Adaptive moments ``(mxx, myy, mxy)`` (px^2), or None if the iteration diverges."""
+    x, y, xc, yc = _centroid_grid(k)
+    mxx = myy = (min(k.shape) / 8.0) ** 2
     mxy = 0.0
     for _ in range(100):
-        dx, dy = x - xc, y - yc
-        det = mxx * myy - mxy**2
-        if not (np.isfinite(det) and det > 0 and mxx > 0 and myy > 0):
-            return float("nan")  # diverged (noise, neighbours): no meaningful size
-        w = np.exp(-0.5 * (myy * dx**2 - 2 * mxy * dx * dy + mxx * dy**2) / det)
-        kw = k * w
-        s = kw.sum()
-        if not (np.isfinite(s) and s > 0):
-            return float("nan")
-        xc_new = (kw * x).sum() / s
-        yc_new = (kw * y).sum() / s
+        w = _weighted(k, x, y, xc, yc, mxx, myy, mxy)
+        if w is None:
+            return None  # diverged (noise, neighbours): no meaningful size
+        xc, yc, qxx, qyy, qxy = w
         # weighted moments of a Gaussian are half its moments (weight = same shape)
-        nxx = 2 * (kw * dx**2).sum() / s
-        nyy = 2 * (kw * dy**2).sum() / s
-        nxy = 2 * (kw * dx * dy).sum() / s
+        nxx, nyy, nxy = 2 * qxx, 2 * qyy, 2 * qxy
         done = abs(nxx - mxx) < 1e-8 * mxx and abs(nyy - myy) < 1e-8 * myy
-        mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xc_new, yc_new
+        mxx, myy, mxy = nxx, nyy, nxy
         if done:
             break
-    if not (mxx * myy - mxy**2 > 0):
-        return float("nan")
-    sigma = (mxx * myy - mxy**2) ** 0.25
-    return float(sigma * FWHM_PER_SIGMA)
+    return (mxx, myy, mxy) if mxx * myy - mxy**2 > 0 else None
+
+
+def _deweighted_moments(k, n_iter: int = 50):
+    """Second moments of ``k`` from a weight kept wider than :data:`MIN_WEIGHT_VARIANCE`.
+
+    For a Gaussian of moments ``C`` under a Gaussian weight of moments ``W``
+    the weighted moments are ``Q = (C^-1 + W^-1)^-1``, so ``C = (Q^-1 -
+    W^-1)^-1`` exactly, whatever ``W``.  The weight follows ``C`` but never
+    gets narrower than ``MIN_WEIGHT_VARIANCE`` on either axis, so it never
+    shrinks onto one pixel.  Returns None if ``C`` is not positive definite.
+    """
+    x, y, xc, yc = _centroid_grid(k)
+    wm = np.eye(2) * max(MIN_WEIGHT_VARIANCE, 1.0)
+    c = None
+    for _ in range(n_iter):
+        w = _weighted(k, x, y, xc, yc, wm[0, 0], wm[1, 1], wm[0, 1])
+        if w is None:
+            return None
+        xc, yc, qxx, qyy, qxy = w
+        q = np.array([[qxx, qxy], [qxy, qyy]])
+        try:
+            inv_c = np.linalg.inv(q) - np.linalg.inv(wm)
+            if not np.all(np.linalg.eigvalsh(inv_c) > 0):
+                return None
+            c_new = np.linalg.inv(inv_c)
+        except np.linalg.LinAlgError:
+            return None
+        lam = np.linalg.eigvalsh(c_new).min()
+        wm = c_new + max(MIN_WEIGHT_VARIANCE - lam, 0.0) * np.eye(2)
+        if c is not None and np.allclose(c_new, c, rtol=1e-8, atol=0):
+            c = c_new
+            break
+        c = c_new
+    return float(c[0, 0]), float(c[1, 1]), float(c[0, 1])
 
 
 @dataclass(frozen=True)
