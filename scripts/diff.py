@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 
+from diffim.artifacts import unresolved_artifacts
 from diffim.detect import detect_dia_sources, noise_terms, significance_maps
 from diffim.errors import DiffimError, NoOverlapError
 from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
@@ -93,6 +94,12 @@ def main(inp, out, params, wildcards, log=None):
         significance = significance_maps(result.difference, noise, template.image)
         sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
                                      noise=noise, significance=significance)
+        n_unresolved = 0
+        if cfg["reject_unresolved"]:
+            unresolved = unresolved_artifacts(sources, science, template.image,
+                                              template.variance)
+            sources = sources[~unresolved].reset_index(drop=True)
+            n_unresolved = int(unresolved.sum())
     except Exception as exc:
         reason = str(exc) if isinstance(exc, DiffimError) else \
             f"internal error in diff ({type(exc).__name__}: {exc})"
@@ -118,7 +125,8 @@ def main(inp, out, params, wildcards, log=None):
                             "scale_error": noise.systematics.scale_error,
                             "shift_error": noise.systematics.shift_error,
                             "wing_error": noise.systematics.wing_error,
-                            "leave_one_out_patches": n_loo})
+                            "leave_one_out_patches": n_loo,
+                            "n_unresolved_rejected": n_unresolved})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))
 
 

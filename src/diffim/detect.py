@@ -599,6 +599,11 @@ def _psf_fit(image, variance, bad, psf, x: float, y: float) -> tuple[float, floa
 def _place(psf, x: float, y: float, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """PSF at ``(x, y)`` (sub-pixel shifted) placed into the region ``[y0:y1, x0:x1]``."""
     k, ix, iy = _shifted_psf(psf, x, y)
+    return paste(k, ix, iy, y0, y1, x0, x1)
+
+
+def paste(k: np.ndarray, ix: int, iy: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Odd kernel ``k`` centred on pixel ``(ix, iy)``, cut to ``[y0:y1, x0:x1]``, flattened."""
     h = k.shape[0] // 2
     m = np.zeros((y1 - y0, x1 - x0))
     ya, xa = iy - h - y0, ix - h - x0
