@@ -191,7 +191,7 @@ def moments_fwhm(kernel: np.ndarray) -> float:
     k = np.asarray(kernel, dtype=float)
     m = _adaptive_moments(k)
     if m is None or min(m[0], m[1]) < MIN_WEIGHT_VARIANCE:
-        m = _deweighted_moments(k)
+        m = _deweighted_moments(k) or m
     if m is None:
         return float("nan")
     mxx, myy, mxy = m
@@ -250,7 +250,7 @@ def _deweighted_moments(k, n_iter: int = 50):
     shrinks onto one pixel.  Returns None if ``C`` is not positive definite.
     """
     x, y, xc, yc = _centroid_grid(k)
-    wm = np.eye(2) * max(MIN_WEIGHT_VARIANCE, 1.0)
+    wm = np.eye(2) * MIN_WEIGHT_VARIANCE
     c = None
     for _ in range(n_iter):
         w = _weighted(k, x, y, xc, yc, wm[0, 0], wm[1, 1], wm[0, 1])
