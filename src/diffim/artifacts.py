@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import ndimage, optimize
 
 from . import masks
-from .detect import _weights, paste
+from .detect import _stamp, _weights, paste
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +36,14 @@ logger = logging.getLogger(__name__)
 _SKIP_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "EDGE")
 
 
-def point_source_misfit(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, psf,
-                        x: float, y: float, radius: int) -> tuple[float, float, int]:
+def point_source_misfit(science, x: float, y: float, radius: int) -> tuple[float, float, int]:
     """PSF fit to a stamp: ``(chi2 excess over nu, (S/N)^2 of the fitted flux, nu)``.
 
     Parameters
     ----------
-    image, variance : ndarray (ny, nx)
-        Background-subtracted image and its variance.
-    bad : ndarray (ny, nx) bool
-        Pixels left out.
-    psf : PsfModel
-        The image's PSF.
+    science : Exposure
+        Background-subtracted image, its variance, mask and PSF; pixels in
+        :data:`_SKIP_PLANES` or not finite are left out.
     x, y : float
         Starting position (pixels); the fit moves it by at most 1.5 px.
     radius : int
@@ -60,17 +56,29 @@ def point_source_misfit(image: np.ndarray, variance: np.ndarray, bad: np.ndarray
         flux and the degrees of freedom (usable pixels - 3); NaNs and 0 if
         fewer than 8 pixels are usable.
     """
-    ny, nx = image.shape
-    ix, iy = int(round(x)), int(round(y))
-    x0, x1 = max(ix - radius, 0), min(ix + radius + 1, nx)
-    y0, y1 = max(iy - radius, 0), min(iy + radius + 1, ny)
-    sl = (slice(y0, y1), slice(x0, x1))
-    w = _weights(variance[sl], bad[sl]).ravel()
+    sl = _region(science.shape, x, y, radius)
+    if sl is None:
+        return np.nan, np.nan, 0
+    return _misfit(science, sl, _core(science.psf, x, y, radius + 3), x, y)
+
+
+def _region(shape, x: float, y: float, radius: int):
+    """Image slices of the ``2 radius + 1`` stamp around ``(x, y)``, clipped to ``shape``
+    (None if ``(x, y)`` is off the image)."""
+    st = _stamp(shape, int(round(x)), int(round(y)), radius)
+    return None if st is None else st[0]
+
+
+def _misfit(science, sl, core, x: float, y: float) -> tuple[float, float, int]:
+    """:func:`point_source_misfit` on the stamp ``sl`` with the PSF ``core`` at ``(x, y)``."""
+    img = science.image[sl]
+    bad = masks.any_set(science.mask[sl], *_SKIP_PLANES) | ~np.isfinite(img)
+    w = _weights(science.variance[sl], bad).ravel()
     nu = int(np.count_nonzero(w)) - 3
     if nu < 5:
         return np.nan, np.nan, 0
-    d = np.where(w > 0, image[sl].ravel(), 0.0)
-    core = _core(psf, x, y, radius + 3)
+    d = np.where(w > 0, img.ravel(), 0.0)
+    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
 
     def fit(p):
         m = _placed(core, p[0], p[1], y0, y1, x0, x1)
@@ -145,21 +153,19 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
     out = np.zeros(len(sources), bool)
     if not len(sources):
         return out
-    psf = science.psf
-    fwhm = psf.fwhm()
-    radius = max(2, int(np.ceil(1.5 * fwhm)))
-    bad = masks.any_set(science.mask, *_SKIP_PLANES) | ~np.isfinite(science.image)
-    t_img = np.nan_to_num(np.asarray(template_image, float), nan=0.0)
-    t_var = np.asarray(template_variance, float)
-    t_bad = ~np.isfinite(t_var) | (t_var <= 0) | ~np.isfinite(np.asarray(template_image, float))
+    radius = max(2, int(np.ceil(1.5 * science.psf.fwhm())))
     candidates = ~sources["isNegative"].to_numpy(bool) & ~sources["isDipole"].to_numpy(bool)
     for i in np.flatnonzero(candidates):
         x, y = float(sources["x"].iloc[i]), float(sources["y"].iloc[i])
-        t_flux, t_snr2, _ = _template_signal(t_img, t_var, t_bad, psf, x, y, radius)
+        sl = _region(science.shape, x, y, radius)
+        if sl is None:
+            continue
+        core = _core(science.psf, x, y, radius + 3)
+        t_flux, t_snr2 = _template_signal(template_image[sl], template_variance[sl], sl, core,
+                                          x, y)
         if not np.isfinite(t_snr2) or (t_snr2 > template_snr**2 and t_flux > 0):
             continue
-        excess, snr2, nu = point_source_misfit(science.image, science.variance, bad, psf, x, y,
-                                               radius)
+        excess, snr2, nu = _misfit(science, sl, core, x, y)
         if nu and excess > nsigma * np.sqrt(2.0 * nu) and excess > min_fraction * snr2:
             out[i] = True
     logger.info("%d of %d positive DIASources are not point sources in the science image "
@@ -167,19 +173,13 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
     return out
 
 
-def _template_signal(img, var, bad, psf, x, y, radius):
-    """PSF-weighted template flux at ``(x, y)`` and its squared S/N (NaN without template)."""
-    ny, nx = img.shape
-    ix, iy = int(round(x)), int(round(y))
-    x0, x1 = max(ix - radius, 0), min(ix + radius + 1, nx)
-    y0, y1 = max(iy - radius, 0), min(iy + radius + 1, ny)
-    sl = (slice(y0, y1), slice(x0, x1))
-    if bad[sl].all():
-        return np.nan, np.nan, 0
-    w = _weights(var[sl], bad[sl]).ravel()
-    m = _placed(_core(psf, x, y, radius + 3), x, y, y0, y1, x0, x1)
+def _template_signal(img, var, sl, core, x, y) -> tuple[float, float]:
+    """PSF-weighted template flux on the stamp ``sl`` and its squared S/N (NaN without template)."""
+    bad = ~np.isfinite(img)
+    w = _weights(var, bad).ravel()
+    m = _placed(core, x, y, sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
     spp = float(np.sum(w * m * m))
     if spp <= 0:
-        return np.nan, np.nan, 0
-    a = float(np.sum(w * m * img[sl].ravel())) / spp
-    return a, a * a * spp, 0
+        return np.nan, np.nan
+    a = float(np.sum(w * m * np.where(bad, 0.0, img).ravel())) / spp
+    return a, a * a * spp

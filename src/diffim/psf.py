@@ -191,7 +191,7 @@ def moments_fwhm(kernel: np.ndarray) -> float:
     k = np.asarray(kernel, dtype=float)
     m = _adaptive_moments(k)
     if m is None or min(m[0], m[1]) < MIN_WEIGHT_VARIANCE:
-        m = _deweighted_moments(k) or m
+        m = _deweighted_moments(k)  # (a collapsed adaptive size is no size)
     if m is None:
         return float("nan")
     mxx, myy, mxy = m
@@ -267,10 +267,10 @@ def _deweighted_moments(k, n_iter: int = 50):
             return None
         lam = np.linalg.eigvalsh(c_new).min()
         wm = c_new + max(MIN_WEIGHT_VARIANCE - lam, 0.0) * np.eye(2)
-        if c is not None and np.allclose(c_new, c, rtol=1e-8, atol=0):
-            c = c_new
-            break
+        converged = c is not None and np.allclose(c_new, c, rtol=1e-8, atol=0)
         c = c_new
+        if converged:
+            break
     return float(c[0, 0]), float(c[1, 1]), float(c[0, 1])
 
 
