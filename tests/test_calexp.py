@@ -50,3 +50,38 @@ def test_broad_seeing_widens_the_psf_model():
     # the sampled Gaussian's moments FWHM is the input's; 3 % allows for noise and blends
     assert ch.psf_fit.fwhm_px == pytest.approx(fwhm, rel=0.03)
     assert ch.psf_fit.n_stars >= 8
+
+
+def test_memory_options_change_nothing_but_memory():
+    """``overwrite`` lets characterize reuse the input plane for the sky-subtracted image
+    and ``keep_background=False`` drops the sky: every result is bit-identical."""
+    import threading
+
+    from diffim.calexp import CalexpConfig, characterize
+    from diffim.psf import gaussian_kernel
+
+    rng = np.random.default_rng(8)
+    n = 512
+    image = np.full((n, n), 800.0) + np.linspace(0, 50, n)[None]  # a sky gradient
+    for _ in range(150):
+        x, y = rng.uniform(20, n - 20, 2)
+        ix, iy = int(round(x)), int(round(y))
+        image[iy - 12:iy + 13, ix - 12:ix + 13] += (rng.uniform(3e3, 3e5)
+                                                    * gaussian_kernel(3.5, 25, dx=x - ix,
+                                                                      dy=y - iy))
+    image = rng.poisson(image).astype(np.float32)
+    cfg = CalexpConfig(kernel_size=None)
+    plain = characterize(image.copy(), config=cfg, read_noise=5.0)
+    mine = image.copy()
+    lean = characterize(mine, config=cfg, read_noise=5.0, overwrite=True, keep_background=False,
+                        heavy_section=threading.Lock())
+    assert lean.image is mine  # the input plane now holds the sky-subtracted image
+    assert lean.background is None and plain.background.shape == image.shape
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(lean, plane), getattr(plain, plane))
+    assert lean.sources.equals(plain.sources)
+    np.testing.assert_array_equal(lean.psf_fit.psf.at(256, 256), plain.psf_fit.psf.at(256, 256))
+    # without `overwrite` a clean float32 input is only read
+    untouched = image.copy()
+    characterize(untouched, config=cfg, read_noise=5.0)
+    np.testing.assert_array_equal(untouched, image)

@@ -37,12 +37,13 @@ PROBE = textwrap.dedent("""
 PLANE = 4096 * 4096 * 4
 
 
-def _probe(**env):
+def _probe(script=PROBE, **env):
+    """Run ``script`` in a fresh interpreter with this environment minus its malloc
+    settings, plus ``env``; its last output line as JSON."""
     full = {k: v for k, v in os.environ.items()
-            if k not in ("DIFFIM_SYSTEM_MALLOC", "MALLOC_MMAP_THRESHOLD_",
-                         "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+            if not k.startswith("MALLOC_") and k not in ("DIFFIM_SYSTEM_MALLOC", "GLIBC_TUNABLES")}
     full.update(env)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=full, check=True,
+    out = subprocess.run([sys.executable, "-c", script], env=full, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -66,3 +67,41 @@ def test_user_malloc_settings_are_left_alone():
     r = _probe(MALLOC_MMAP_THRESHOLD_="131072")
     assert r["applied"] is False
     assert r["mapped"] >= PLANE
+
+
+THREADS_PROBE = textwrap.dedent("""
+    import json, threading
+    import numpy as np
+    from diffim.malloc import retain_freed_memory
+
+    def hwm():  # this process's peak resident memory (bytes); unlike getrusage's
+        # ru_maxrss it is not inherited from the parent across fork and exec
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+    applied = retain_freed_memory()
+    start = hwm()
+
+    def planes():  # four 4k image planes, allocated and freed
+        p = [np.ones((4096, 4096), np.float32) for _ in range(4)]
+        del p
+
+    for _ in range(2):  # a worker thread, then the main thread, twice
+        t = threading.Thread(target=planes)
+        t.start()
+        t.join()
+        planes()
+    peak = hwm()
+    print(json.dumps(dict(applied=applied, grown=peak - start)))
+""")
+
+
+def test_threads_share_the_kept_memory():
+    # one arena: the planes a thread freed serve the main thread (peak = 4 planes) ...
+    r = _probe(THREADS_PROBE)
+    assert r["applied"] is True
+    assert r["grown"] < 5 * PLANE
+    # ... while with the heap kept per thread arena (the control) the peak doubles
+    control = _probe(THREADS_PROBE, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**36))
+    assert control["applied"] is False
+    assert control["grown"] > 6 * PLANE

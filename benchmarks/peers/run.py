@@ -75,6 +75,7 @@ def worker_env() -> dict:
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_MAX_", "0")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**36))
+    env.setdefault("MALLOC_ARENA_MAX", "1")
     return env
 
 

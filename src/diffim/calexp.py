@@ -9,6 +9,7 @@ configured kernel size, a fitted TAN-SIP WCS and a zero point.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -105,8 +106,8 @@ class Characterization:
         Per-pixel variance (input units squared).
     mask : ndarray int32 (ny, nx)
         ``NO_DATA``, ``SAT``, ``BAD``, ``CR`` and ``EDGE`` (half a kernel from the border).
-    background : ndarray float32 (ny, nx)
-        The subtracted sky.
+    background : ndarray float32 (ny, nx) or None
+        The subtracted sky (None from ``characterize(..., keep_background=False)``).
     sources : pandas.DataFrame
         Detected sources (:func:`diffim.sources.detect_sources`).
     stars : pandas.DataFrame
@@ -128,7 +129,9 @@ class Characterization:
 
 
 def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
-                 saturation: float | None = None, path: str = "") -> Characterization:
+                 saturation: float | None = None, path: str = "", overwrite: bool = False,
+                 keep_background: bool = True,
+                 heavy_section: AbstractContextManager | None = None) -> Characterization:
     """Sky, variance, defects, sources and PSF model of one image (no astrometry).
 
     Parameters
@@ -145,6 +148,18 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
         (nothing saturated).
     path : str
         File name, for error messages.
+    overwrite : bool
+        ``image`` may be overwritten (with the sky-subtracted pixels, returned
+        as ``Characterization.image``).  Each of these two options lowers the
+        peak memory by one image plane (67 MB at 4k x 4k), which matters when
+        two images are characterised at once (:func:`diffim.pair.subtract_pair`).
+    keep_background : bool
+        Return the sky plane in ``Characterization.background`` (else None).
+    heavy_section : context manager, optional
+        Entered around the two steps with the most temporary memory (defect
+        search and source detection, ~0.2 GB each at 4k x 4k): a
+        ``threading.Lock`` shared by concurrent calls keeps their temporaries
+        from stacking up while the rest of the work overlaps.
 
     Raises
     ------
@@ -158,6 +173,7 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
         raw = image  # (only read from here on: no copy of a clean float32 image)
     else:
         raw = np.where(nodata, np.float32(0), image).astype(np.float32, copy=False)
+    own = overwrite or raw is not image  # (`raw` may become the sky-subtracted image)
     saturation = saturation or float(np.nanmax(image)) * 1.001
     sat = find_saturated(raw, saturation=saturation)
     sat |= find_bleed_trails(raw, sat, saturation=saturation)
@@ -169,17 +185,25 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
     # second pass: the sky again with the sources and their wings left out
     objects = object_mask(sub, variance, fwhm0)
     if objects.mean() < MAX_OBJECT_FRACTION:
-        bkg = sep_background(raw, np.where(objects, masks.bit("DETECTED"), mask),
-                             box=config.background_box).back(dtype=np.float32)
+        objects |= mask != 0  # (a bool mask for the sky: no second int32 plane)
+        del variance, bkg  # both are recomputed: not kept through the second sky fit
+        if own:  # `raw` is not needed after the sky: the first pass's `sub` is freed
+            del sub
+        bkg = sep_background(raw, objects, box=config.background_box).back(dtype=np.float32)
+        del objects
         variance = variance_plane(raw, read_noise=read_noise, background=bkg, mask=mask)
-        np.subtract(raw, bkg, out=sub)
+        sub = np.subtract(raw, bkg, out=raw if own else sub)
     else:  # too crowded for a sky between the sources: keep the first pass
         logger.warning("%s: sources cover %.0f%% of the image; sky from the first pass only",
                        path, 100 * objects.mean())
-    # SAT is already set (from `raw`, as find_defects would): add BAD and CR
-    add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
-    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
-                             psf_fwhm_px=fwhm0)
+    del raw
+    if not keep_background:
+        bkg = None
+    with heavy_section or nullcontext():
+        # SAT is already set (from `raw`, as find_defects would): add BAD and CR
+        add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
+        sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
+                                 psf_fwhm_px=fwhm0)
     if len(sources) < 3:
         raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
                                  f"{config.detect_threshold} sigma (cloudy, empty or broken image)")

@@ -24,8 +24,11 @@ BENCH = os.path.join(OUT, "benchmarks")
 # The image stages allocate many short-lived 30-130 MB arrays, and touching
 # fresh pages cost ~2 ms per MB on the 2-core virtual machine measured here
 # (4k subtraction + detection: 6.1 s -> 4.9 s).  Jobs inherit this process's
-# environment (locally and through sbatch); a user's own setting wins.
-for _name, _value in (("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(2**36))):
+# environment (locally and through sbatch); a user's own setting wins.  One
+# malloc arena, so that the memory kept by one thread serves the others
+# (diffim.malloc explains both).
+for _name, _value in (("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(2**36)),
+                      ("MALLOC_ARENA_MAX", "1")):
     os.environ.setdefault(_name, _value)
 
 
