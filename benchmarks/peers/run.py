@@ -72,11 +72,8 @@ def _limit_memory(gb: float):
 def worker_env() -> dict:
     """Every method runs with the glibc settings the diffim workflow uses for its jobs
     (freed memory kept in the process; see the README's performance section)."""
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_MAX_", "0")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**36))
-    env.setdefault("MALLOC_ARENA_MAX", "1")
-    return env
+    from diffim.malloc import ENVIRONMENT
+    return {**ENVIRONMENT, **os.environ}
 
 
 def run_worker(method: str, pairdir: Path, rundir: Path, timeout: float, mem_gb: float) -> dict:

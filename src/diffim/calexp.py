@@ -9,7 +9,6 @@ configured kernel size, a fitted TAN-SIP WCS and a zero point.
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -130,8 +129,7 @@ class Characterization:
 
 def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
                  saturation: float | None = None, path: str = "", overwrite: bool = False,
-                 keep_background: bool = True,
-                 heavy_section: AbstractContextManager | None = None) -> Characterization:
+                 keep_background: bool = True) -> Characterization:
     """Sky, variance, defects, sources and PSF model of one image (no astrometry).
 
     Parameters
@@ -155,11 +153,6 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
         two images are characterised at once (:func:`diffim.pair.subtract_pair`).
     keep_background : bool
         Return the sky plane in ``Characterization.background`` (else None).
-    heavy_section : context manager, optional
-        Entered around the two steps with the most temporary memory (defect
-        search and source detection, ~0.2 GB each at 4k x 4k): a
-        ``threading.Lock`` shared by concurrent calls keeps their temporaries
-        from stacking up while the rest of the work overlaps.
 
     Raises
     ------
@@ -199,11 +192,10 @@ def characterize(image: np.ndarray, *, config: CalexpConfig, read_noise: float,
     del raw
     if not keep_background:
         bkg = None
-    with heavy_section or nullcontext():
-        # SAT is already set (from `raw`, as find_defects would): add BAD and CR
-        add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
-        sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
-                                 psf_fwhm_px=fwhm0)
+    # SAT is already set (from `raw`, as find_defects would): add BAD and CR
+    add_column_and_cosmic_ray_defects(mask, sub, variance, psf_fwhm_px=fwhm0)
+    sources = detect_sources(sub, variance, mask, nsigma=config.detect_threshold,
+                             psf_fwhm_px=fwhm0)
     if len(sources) < 3:
         raise NoUsableStarsError(f"{path}: only {len(sources)} sources detected above "
                                  f"{config.detect_threshold} sigma (cloudy, empty or broken image)")

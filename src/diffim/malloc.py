@@ -43,6 +43,11 @@ _M_ARENA_MAX = -8
 #: Free memory at the top of the heap kept rather than returned to the kernel
 #: (bytes; the largest value ``mallopt`` takes).
 TRIM_THRESHOLD = 2**31 - 1
+#: The same settings as environment variables (read by glibc when a process
+#: starts; the trim threshold there is a size_t): the workflow sets them for its
+#: jobs and the peer benchmark for its workers, each keeping a user's own value.
+ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36),
+               "MALLOC_ARENA_MAX": "1"}
 #: Environment variables by which the user (or the workflow) already tunes glibc malloc.
 _USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                   "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")

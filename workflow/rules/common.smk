@@ -9,6 +9,7 @@ from snakemake.utils import validate
 
 from diffim.config import check_config
 from diffim.index import expand_globs
+from diffim.malloc import ENVIRONMENT as MALLOC_ENVIRONMENT
 
 
 validate(config, "../../config/schema.yaml")
@@ -27,8 +28,7 @@ BENCH = os.path.join(OUT, "benchmarks")
 # environment (locally and through sbatch); a user's own setting wins.  One
 # malloc arena, so that the memory kept by one thread serves the others
 # (diffim.malloc explains both).
-for _name, _value in (("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(2**36)),
-                      ("MALLOC_ARENA_MAX", "1")):
+for _name, _value in MALLOC_ENVIRONMENT.items():
     os.environ.setdefault(_name, _value)
 
 
