@@ -1,5 +1,7 @@
 """Systematic residuals at static sources (diffim.residuals) and their use in detection."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -18,11 +20,15 @@ def _place(img, kernel, x, y, flux):
     img[iy - h:iy + h + 1, ix - h:ix + h + 1] += flux * kernel
 
 
-def make_scene(*, eps=0.0, delta=0.0, seed=0, n_stars=250, variable=None, transients=()):
-    """A white-noise difference with residuals ``a_i P + b_i . dP`` at each static star.
+def make_scene(*, eps=0.0, delta=0.0, width=0.0, seed=0, n_stars=250, variable=None,
+               transients=()):
+    """A white-noise difference with residuals ``a_i P + b_i . dP + c_i dP/dv`` at each star.
 
-    ``a_i ~ N(0, eps)`` (fraction of the star's flux) and ``b_i ~ N(0, delta)`` px
-    per axis; ``variable = (index, amplitude)`` gives one star a large ``a``;
+    ``a_i ~ N(0, eps)`` (fraction of the star's flux), ``b_i ~ N(0, delta)`` px
+    per axis and ``c_i ~ N(0, width)`` px^2, where ``dP/dv`` is the change of
+    the PSF with its variance ``sigma^2`` (``= lap P / 2`` for a Gaussian, so
+    ``c_i`` is ``zeta`` of :mod:`diffim.residuals` times 2);
+    ``variable = (index, amplitude)`` gives one star a large ``a``;
     ``transients`` are ``(x, y, flux)`` added to the difference only.
     Returns the difference exposure, the scene (template) and the star table.
     """
@@ -33,21 +39,27 @@ def make_scene(*, eps=0.0, delta=0.0, seed=0, n_stars=250, variable=None, transi
     flux = 10 ** rng.uniform(3.3, 5.6, n_stars)
     a = rng.normal(0, eps, n_stars) if eps else np.zeros(n_stars)
     b = rng.normal(0, delta, (n_stars, 2)) if delta else np.zeros((n_stars, 2))
+    c = rng.normal(0, width, n_stars) if width else np.zeros(n_stars)
     if variable is not None:
         a[variable[0]] = variable[1]
     scene = np.zeros((N, N))
     diff = rng.normal(0, np.sqrt(SKY_VAR), (N, N))
     step = 1e-3
-    for x, y, f, ai, (bx, by) in zip(xs, ys, flux, a, b):
+    sig2 = (FWHM / FWHM_PER_SIGMA) ** 2
+    for x, y, f, ai, (bx, by), ci in zip(xs, ys, flux, a, b, c):
         dx, dy = x - round(x), y - round(y)
         p = gaussian_kernel(FWHM, K, dx=dx, dy=dy)
+        # d/d(sigma^2) of the PSF, by central differences in the variance
+        dv = 0.01
+        pv = (gaussian_kernel(np.sqrt(sig2 + dv) * FWHM_PER_SIGMA, K, dx=dx, dy=dy)
+              - gaussian_kernel(np.sqrt(sig2 - dv) * FWHM_PER_SIGMA, K, dx=dx, dy=dy)) / (2 * dv)
         # d/dx0 of the PSF centred at x0: a shift of the star by (bx, by)
         px = (gaussian_kernel(FWHM, K, dx=dx + step, dy=dy)
               - gaussian_kernel(FWHM, K, dx=dx - step, dy=dy)) / (2 * step)
         py = (gaussian_kernel(FWHM, K, dx=dx, dy=dy + step)
               - gaussian_kernel(FWHM, K, dx=dx, dy=dy - step)) / (2 * step)
         _place(scene, p, x, y, f)
-        _place(diff, ai * p + bx * px + by * py, x, y, f)
+        _place(diff, ai * p + bx * px + by * py + ci * pv, x, y, f)
     for x, y, f in transients:
         _place(diff, gaussian_kernel(FWHM, K, dx=x - round(x), dy=y - round(y)), x, y, f)
     exp = Exposure(diff, np.full((N, N), SKY_VAR), np.zeros((N, N), np.int32),
@@ -104,16 +116,22 @@ def test_no_systematics_measured_on_pure_noise():
     assert sys.n_sources > 50
     # noise alone: a few 1e-4 at most (the brightest stars constrain eps to ~2e-4)
     assert sys.scale_error < 1.5e-3 and sys.shift_error < 5e-3
+    assert sys.width_error < 5e-3  # px^2: under 0.2 % of sigma^2 = 2.9 px^2
 
 
-@pytest.mark.parametrize("eps, delta", [(0.01, 0.0), (0.0, 0.03), (0.01, 0.03)])
-def test_injected_systematics_recovered(eps, delta):
-    diff, scene, _ = make_scene(eps=eps, delta=delta, seed=2)
+@pytest.mark.parametrize("eps, delta, width", [(0.01, 0.0, 0.0), (0.0, 0.03, 0.0),
+                                               (0.01, 0.03, 0.0), (0.0, 0.0, 0.06),
+                                               (0.01, 0.03, 0.06)])
+def test_injected_systematics_recovered(eps, delta, width):
+    diff, scene, _ = make_scene(eps=eps, delta=delta, width=width, seed=2)
     sys = detect.noise_terms(diff, scene).systematics
     # ~100 informative stars: an RMS is measured to ~10 %; 25 % allows the noise
     # floor of the fainter ones and the crude starting point of the clipping
     assert sys.scale_error == pytest.approx(eps, abs=0.25 * max(eps, 0.004))
     assert sys.shift_error == pytest.approx(delta, abs=0.25 * max(delta, 0.02))
+    # c_i is injected per unit of sigma^2 (lap P / 2): zeta = width / 2; a 0.06 px^2
+    # width error is a 2 % error of sigma^2 (1 % in FWHM)
+    assert sys.width_error == pytest.approx(width / 2, abs=0.25 * max(width / 2, 0.01))
 
 
 def test_variable_star_left_out_of_the_measurement():
@@ -134,7 +152,8 @@ def test_detection_ignores_star_residuals_and_keeps_transients():
     # transients in empty sky at filtered S/N ~ 8: flux = 8 sqrt(var) / sqrt(sum P^2)
     f8 = 8 * np.sqrt(SKY_VAR) * np.sqrt(4 * np.pi * (FWHM / FWHM_PER_SIGMA) ** 2)
     tr = [(x, y, f8) for x, y in rng.uniform(60, N - 60, (24, 2))]
-    diff, scene, (xs, ys, _) = make_scene(eps=0.01, delta=0.03, seed=4, transients=tr)
+    diff, scene, (xs, ys, _) = make_scene(eps=0.01, delta=0.03, width=0.06, seed=4,
+                                          transients=tr)
     near_star = lambda s: np.hypot(s["x"].to_numpy()[:, None] - xs,  # noqa: E731
                                    s["y"].to_numpy()[:, None] - ys).min(axis=1) < 8
     plain = detect.detect_dia_sources(diff)
@@ -164,6 +183,22 @@ def test_flux_error_has_the_systematic_term():
 
 
 def test_header_round_trip():
-    s = Systematics(scale_error=0.012, shift_error=0.03, n_sources=77)
+    s = Systematics(scale_error=0.012, shift_error=0.03, n_sources=77, width_error=0.02)
     assert Systematics.from_meta(s.header_cards()) == s
     assert Systematics.from_meta({}) == Systematics() and not Systematics().active
+
+
+def test_width_residuals_are_noise_not_sources():
+    """A PSF 2 % off in sigma^2 at each star: a core and ring of opposite signs.
+
+    It carries no net flux, so the scale term does not see it, but a matched
+    filter at the core does (5-8 sigma at mag 16-17 stars of static scenes).
+    """
+    diff, scene, (xs, ys, _) = make_scene(eps=0.002, width=0.06, seed=4)
+    noise = detect.noise_terms(diff, scene)
+    near_star = lambda s: (np.hypot(s["x"].to_numpy()[:, None] - xs,  # noqa: E731
+                                    s["y"].to_numpy()[:, None] - ys).min(axis=1) < 8).sum()
+    without = replace(noise, systematics=replace(noise.systematics, width_error=0.0))
+    # measured 53 residuals detected without the width term, 1 with it
+    assert near_star(detect.detect_dia_sources(diff, noise=without, scene=scene)) > 20
+    assert near_star(detect.detect_dia_sources(diff, noise=noise, scene=scene)) <= 3

@@ -5,8 +5,9 @@ low-order polynomial over the field while the PSFs vary faster, the visit and
 the template are registered to a few hundredths of a pixel, and both PSF
 models are approximations.  What is left at a static source is proportional
 to it: a fraction of its light (scale and profile errors) and a small shift
-(registration errors), ``D_sys ~ a S + b . grad S`` with ``S`` the static
-scene (the template).  On the default simulated run these residuals, at about
+(registration errors) and a small change of width (PSF shape errors),
+``D_sys ~ a S + b . grad S + c lap S`` with ``S`` the static scene (the
+template).  On the default simulated run these residuals, at about
 1 % of a star's light, were nearly all of the false detections: a mag-17
 star at S/N 700 leaves a 7-14 sigma residual.
 
@@ -15,7 +16,7 @@ astrometric noise terms), the residuals are treated as noise, but in the
 *filtered* image where detection happens::
 
     Var[F](x) = c (V * h^2)(x) + eps^2 S_f(x)^2 + delta^2 |grad S_f(x)|^2
-                + omega^2 W_f(x)^2
+                + zeta^2 (lap S_f(x))^2 + omega^2 W_f(x)^2
 
 ``F = D * h`` is the filtered difference, ``S_f = S * h`` the filtered
 scene, ``W_f`` that blurred by a Gaussian as wide as the PSF (the residual
@@ -28,15 +29,22 @@ were independent (``eps^2 S^2``), it would be underestimated, for a
 PSF-filtered statistic, by the effective number of pixels of the PSF (about
 ``4 pi sigma^2``, 60 px at a FWHM of 5 px).
 
-``eps`` (dimensionless), ``delta`` (pixels) and ``omega`` are measured on
-each difference image itself, at the bright peaks of the scene
-(:func:`measure_systematics`).  On a disc around every such source the
-amplitudes ``(a, b_x, b_y)`` of ``F ~ a S_f + b . grad S_f`` are fitted by
-weighted least squares, with their covariance from the filtered noise's own
-correlation.  ``eps^2`` and ``delta^2`` are the variances of these
-amplitudes over the sources beyond their noise (a random-effects estimate);
-sources whose amplitude is more than 3 sigma off (variable stars) are
-left out.  ``omega^2`` is then the regression of the remaining excess
+The width term is the residual of a PSF a little broader or sharper than
+its model: ``P(sigma^2 + d) ~ P + (d / 2) lap P``, a negative core in a
+positive ring (or the reverse) that carries no net flux, so the scale term
+cannot describe it, while a matched filter at its centre sees a point
+source of the opposite sign.  At mag 16-17 stars it left 5-8 sigma
+"detections" on static scenes.
+
+``eps`` (dimensionless), ``delta`` (pixels), ``zeta`` (pixels^2) and
+``omega`` are measured on each difference image itself, at the bright
+peaks of the scene (:func:`measure_systematics`).  On a disc around every
+such source the amplitudes ``(a, b_x, b_y, c)`` of ``F ~ a S_f + b . grad
+S_f + c lap S_f`` are fitted by weighted least squares, with their
+covariance from the filtered noise's own correlation.  ``eps^2``,
+``delta^2`` and ``zeta^2`` are the variances of these amplitudes over the
+sources beyond their noise (a random-effects estimate); sources whose
+amplitude is more than 3 sigma off (variable stars) are left out.  ``omega^2`` is then the regression of the remaining excess
 ``F^2 - Var[F]`` on ``W_f^2`` in an annulus outside the disc.
 
 The scene's overall scale does not matter (``eps`` is measured against the
@@ -90,6 +98,9 @@ class Systematics:
     wing_error : float
         ``omega``, RMS residual in the PSF wings relative to the filtered scene
         blurred by a Gaussian of ``wing_sigma`` pixels (``W_f``).
+    width_error : float
+        ``zeta``, RMS amplitude of the width residual ``c lap S_f`` (pixels^2;
+        half the error of the PSF's second moment ``sigma^2``).
     wing_sigma : float
         That Gaussian's sigma (pixels).
     n_sources : int
@@ -101,17 +112,19 @@ class Systematics:
     wing_error: float = 0.0
     wing_sigma: float = 0.0
     n_sources: int = 0
+    width_error: float = 0.0
 
     @property
     def active(self) -> bool:
         """True when any term is nonzero."""
-        return self.scale_error > 0 or self.shift_error > 0 or self.wing_error > 0
+        return (self.scale_error > 0 or self.shift_error > 0 or self.wing_error > 0
+                or self.width_error > 0)
 
     def header_cards(self) -> dict:
         """FITS keywords of a difference image that record these terms."""
         return {"SYSSCALE": self.scale_error, "SYSSHIFT": self.shift_error,
                 "SYSWING": self.wing_error, "SYSWSIG": self.wing_sigma,
-                "SYSNSRC": self.n_sources}
+                "SYSWIDTH": self.width_error, "SYSNSRC": self.n_sources}
 
     @classmethod
     def from_meta(cls, meta) -> "Systematics":
@@ -120,12 +133,14 @@ class Systematics:
                    shift_error=float(meta.get("SYSSHIFT", 0.0)),
                    wing_error=float(meta.get("SYSWING", 0.0)),
                    wing_sigma=float(meta.get("SYSWSIG", 0.0)),
-                   n_sources=int(meta.get("SYSNSRC", 0)))
+                   n_sources=int(meta.get("SYSNSRC", 0)),
+                   width_error=float(meta.get("SYSWIDTH", 0.0)))
 
 
 def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> np.ndarray:
-    """``eps^2 S_f^2 + delta^2 |grad S_f|^2 + omega^2 W_f^2``: the systematic variance of ``F``.
+    """``eps^2 S_f^2 + delta^2 |grad S_f|^2 + zeta^2 (lap S_f)^2 + omega^2 W_f^2``.
 
+    The systematic variance of ``F``.
     ``S_f = S * h`` (non-finite scene pixels count as 0) and ``W_f`` is
     ``S_f`` blurred by a Gaussian of ``sys.wing_sigma``; float32, same shape.
     """
@@ -135,10 +150,27 @@ def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> n
     gy, gx = np.gradient(sf)
     out = np.float32(sys.shift_error**2) * (gx * gx + gy * gy)
     del gx, gy
+    if sys.width_error > 0:
+        lap = laplacian(sf)
+        lap *= lap
+        lap *= np.float32(sys.width_error**2)
+        out += lap
+        del lap
     if sys.wing_error > 0:
         wf = fft_convolve(sf, _wing_kernel(sys.wing_sigma))
         out += np.float32(sys.wing_error**2) * wf * wf
     out += np.float32(sys.scale_error**2) * sf * sf
+    return out
+
+
+def laplacian(a: np.ndarray) -> np.ndarray:
+    """Five-point Laplacian of the last two axes (pixels^-2); 0 on the border."""
+    out = np.zeros_like(a)
+    c = out[..., 1:-1, 1:-1]
+    np.add(a[..., :-2, 1:-1], a[..., 2:, 1:-1], out=c)
+    c += a[..., 1:-1, :-2]
+    c += a[..., 1:-1, 2:]
+    c -= 4 * a[..., 1:-1, 1:-1]
     return out
 
 
@@ -196,17 +228,18 @@ def _filter_stacks(img, var, scene, b, hr, c_filter):
 
 
 def _stamp_terms(f, vf, s, b, hk, radius):
-    """Filtered difference, its variance, the filtered scene and its gradient in a disc.
+    """Filtered difference, its variance, the filtered scene and its derivatives in a disc.
 
     ``f, vf, s`` are one stamp's filtered planes and ``b`` its unusable pixels
     (``hk`` = filter half-width wider).  Returns ``(f, vf, design, yx)`` over
     the usable disc pixels: ``design`` holds the columns ``S_f, dS_f/dx,
-    dS_f/dy`` and ``yx`` the pixel offsets; None when fewer than 80 % of the
-    disc is usable.
+    dS_f/dy, lap S_f`` and ``yx`` the pixel offsets; None when fewer than 80 %
+    of the disc is usable.
     """
     gy, gx = np.gradient(s)
+    lap = laplacian(s)
     inner = (slice(1, -1), slice(1, -1))  # np.gradient is one-sided on the border
-    f, vf, s, gx, gy = f[inner], vf[inner], s[inner], gx[inner], gy[inner]
+    f, vf, s, gx, gy, lap = (a[inner] for a in (f, vf, s, gx, gy, lap))
     r = f.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     disc = (xx**2 + yy**2 <= radius**2)
@@ -214,7 +247,7 @@ def _stamp_terms(f, vf, s, b, hk, radius):
     ok = disc & ~centre_bad & (vf > 0)
     if ok.sum() < 0.8 * disc.sum():
         return None
-    design = np.stack([s[ok], gx[ok], gy[ok]], axis=1)
+    design = np.stack([s[ok], gx[ok], gy[ok], lap[ok]], axis=1)
     return f[ok], vf[ok], design, np.stack([yy[ok], xx[ok]], axis=1)
 
 
@@ -231,7 +264,9 @@ def _disc_terms(diff_img, diff_var, bad, scene, h, c_filter, xy, radius):
 
 
 def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
-    """One stamp's ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``W_f`` on ``r_in < r <= r_out``.
+    """One stamp's ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``(lap S_f)^2``, ``W_f``.
+
+    On the annulus ``r_in < r <= r_out``.
 
     ``sf_big`` is ``S_f`` ``hg`` (the wing kernel's half-width) wider than
     ``f``; None when under 80 % of the annulus is usable.
@@ -239,9 +274,10 @@ def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
     inner = (slice(hg, -hg), slice(hg, -hg))
     sf = sf_big[inner]
     gy, gx = np.gradient(sf)
+    lap = laplacian(sf)
     crop = (slice(hk + hg, -(hk + hg)), slice(hk + hg, -(hk + hg)))
     one = (slice(1, -1), slice(1, -1))
-    f, vf, sf, gx, gy, wf = (a[one] for a in (f[inner], vf[inner], sf, gx, gy, wf))
+    f, vf, sf, gx, gy, lap, wf = (a[one] for a in (f[inner], vf[inner], sf, gx, gy, lap, wf))
     r = f.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     rr2 = xx**2 + yy**2
@@ -249,7 +285,7 @@ def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
     ok = ring & ~b[crop][one] & (vf > 0)
     if ok.sum() < 0.8 * ring.sum():
         return None
-    return f[ok], vf[ok], sf[ok], gx[ok] ** 2 + gy[ok] ** 2, wf[ok]
+    return f[ok], vf[ok], sf[ok], gx[ok] ** 2 + gy[ok] ** 2, lap[ok] ** 2, wf[ok]
 
 
 def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, xy, r_in, r_out):
@@ -267,15 +303,15 @@ def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, xy, r_in, r_out)
     return [t for t in terms if t is not None]
 
 
-def _wing_variance(stamps, eps2: float, delta2: float) -> float:
+def _wing_variance(stamps, eps2: float, delta2: float, zeta2: float) -> float:
     """``omega^2``: weighted LSQ of the annuli's excess ``F^2 - Var`` on ``W_f^2`` (>= 0).
 
-    The excess is taken after the scale and shift terms; weights are the inverse
-    squared total variance (its noise is ~ sqrt(2) times it).
+    The excess is taken after the scale, shift and width terms; weights are the
+    inverse squared total variance (its noise is ~ sqrt(2) times it).
     """
     num = den = 0.0
-    for f, vf, sf, g2, wf in stamps:
-        known = vf + eps2 * sf * sf + delta2 * g2
+    for f, vf, sf, g2, l2, wf in stamps:
+        known = vf + eps2 * sf * sf + delta2 * g2 + zeta2 * l2
         w = 1.0 / known**2
         w4 = wf**2
         num += float(np.sum(w * w4 * (f * f - known)))
@@ -284,7 +320,7 @@ def _wing_variance(stamps, eps2: float, delta2: float) -> float:
 
 
 def _amplitudes(f, vf, design, yx, rho_f):
-    """Weighted LSQ amplitudes ``(a, b_x, b_y)`` of ``F ~ design . theta`` and their covariance.
+    """Weighted LSQ amplitudes ``(a, b_x, b_y, c)`` of ``F ~ design . theta`` and their covariance.
 
     Weights ``1 / vf``; the covariance is the sandwich estimate with the
     filtered noise's own correlation (neighbouring pixels of ``F`` are far
@@ -352,7 +388,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
                         scene: np.ndarray, h: np.ndarray, c_filter: float, rho: np.ndarray,
                         sources_xy: np.ndarray, *, radius: int,
                         wing_sigma: float) -> Systematics:
-    """Measure ``eps``, ``delta`` and ``omega`` around bright scene sources.
+    """Measure ``eps``, ``delta``, ``zeta`` and ``omega`` around bright scene sources.
 
     Parameters
     ----------
@@ -369,7 +405,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     sources_xy : ndarray (n, 2) int
         Integer ``(x, y)`` of bright scene sources.
     radius : int
-        Disc radius (pixels) around each source for ``eps`` and ``delta``;
+        Disc radius (pixels) around each source for ``eps``, ``delta`` and ``zeta``;
         ``omega`` is fitted on the annulus out to :data:`WING_RADII` times it.
     wing_sigma : float
         Blur (pixels) of the wing template ``W_f``.
@@ -394,16 +430,19 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     var = np.array([np.diag(c) for _, c in fits])
     eps2, keep = random_effect(theta[:, 0], var[:, 0])
     # the shift is isotropic: both axes are draws of one random effect
-    delta2, _ = random_effect(theta[keep, 1:].ravel(), var[keep, 1:].ravel())
+    delta2, _ = random_effect(theta[keep, 1:3].ravel(), var[keep, 1:3].ravel())
+    zeta2, _ = random_effect(theta[keep, 3], var[keep, 3])
     g = _wing_kernel(wing_sigma)
     kept_xy = np.asarray(xy_used)[keep]
     wings = _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, kept_xy,
                         radius, WING_RADII * radius)
-    omega2 = _wing_variance(wings, eps2, delta2) if len(wings) >= MIN_SOURCES else 0.0
+    omega2 = (_wing_variance(wings, eps2, delta2, zeta2) if len(wings) >= MIN_SOURCES
+              else 0.0)
     out = Systematics(scale_error=float(np.sqrt(eps2)), shift_error=float(np.sqrt(delta2)),
                       wing_error=float(np.sqrt(omega2)), wing_sigma=float(wing_sigma),
-                      n_sources=int(keep.sum()))
+                      n_sources=int(keep.sum()), width_error=float(np.sqrt(zeta2)))
     logger.info("systematic residuals at %d scene sources (%d outliers left out): "
-                "scale %.4f, shift %.4f px, wings %.4f", out.n_sources, int((~keep).sum()),
-                out.scale_error, out.shift_error, out.wing_error)
+                "scale %.4f, shift %.4f px, width %.4f px^2, wings %.4f", out.n_sources,
+                int((~keep).sum()), out.scale_error, out.shift_error, out.width_error,
+                out.wing_error)
     return out

@@ -57,7 +57,7 @@ import pandas as pd
 from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
-from scipy import fft, ndimage
+from scipy import fft, ndimage, special
 
 from .errors import ConfigError
 from .psf import PsfModel, moments_fwhm
@@ -370,6 +370,24 @@ def star_half_size(flux, fwhm, e, beta, sigma_sky: float, *, max_half: int = 512
 # galaxies: Sersic profiles
 # --------------------------------------------------------------------------
 
+#: Profiles of a larger Sersic index (bulges, n = 4) have a cusp that sampling
+#: cannot follow.  Sampled on the pixel grid, the PSF-weighted core of a
+#: r_e = 0.3-0.6" bulge at 0.2"/px changed by up to 22-33% with its sub-pixel
+#: position (a sample on the cusp or not): a point-like false "variable" at
+#: every bulge.  Their central pixels are integrated exactly
+#: (:func:`_exact_core`), and they are convolved with the PSF on a finer grid
+#: (:func:`_cuspy_galaxies`): the rendered core then changes by < 2e-4.
+_CUSPY_SERSIC_N = 1.5
+#: Half-size (pixels of the stamp's grid) of the exactly integrated block.
+_EXACT_CORE_HALF = 3
+#: Gauss-Legendre nodes of the angular integrals of that block.
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(48)
+#: Sub-pixels per pixel (odd) of the grid on which cuspy galaxies are convolved.
+_GALAXY_OVERSAMPLE = 3
+#: Galaxies per batch of that convolution (memory: ~1 MB each at 0.2"/px).
+_CUSPY_BATCH = 64
+
+
 def sersic_b(n):
     """Sersic ``b_n`` (half-light radius constant), Ciotti & Bertin expansion."""
     n = np.asarray(n, float)
@@ -407,7 +425,10 @@ def sersic_stamps(dx, dy, jac, r_e, n_sersic, q, pa_deg, half: int, *,
     Returns
     -------
     stamps : ndarray (n, 2 half + 1, 2 half + 1)
-        The profile truncated at the stamp edge, unit sum.
+        The profile truncated at the stamp edge, unit sum.  Pixels are
+        sampled on ``oversample^2`` sub-pixel centres, except the central
+        ``2 * _EXACT_CORE_HALF + 1`` pixels of profiles with ``n > 1.5``,
+        which are integrated exactly (:func:`_exact_core`).
     """
     n = np.size(dx)
     col = (slice(None), None, None)
@@ -430,8 +451,87 @@ def sersic_stamps(dx, dy, jac, r_e, n_sersic, q, pa_deg, half: int, *,
         r2 = (major**2 + minor**2) / np.asarray(r_e, float)[sl][col] ** 2
         img = np.exp(-sersic_b(ns[sl][col]) * (_sersic_root(r2, ns[sl]) - 1.0))
         img = img.reshape(-1, size, oversample, size, oversample).sum(axis=(2, 4))
+        img /= oversample**2  # (pixel integrals, I_e px^2)
+        to_norm = _profile_frame(jac, np.asarray(r_e, float)[sl], np.asarray(q, float)[sl], pa[sl])
+        cusp = np.flatnonzero(ns[sl] > _CUSPY_SERSIC_N)  # (n <= 1.5 samples to < 1e-3)
+        if cusp.size:
+            sub_img = img[cusp]
+            _exact_core(sub_img, np.asarray(dx, float)[sl][cusp], np.asarray(dy, float)[sl][cusp],
+                        to_norm[cusp], ns[sl][cusp])
+            img[cusp] = sub_img
         out[sl] = img / img.sum(axis=(1, 2), keepdims=True)
     return out
+
+
+def _profile_frame(jac, r_e, q, pa) -> np.ndarray:
+    """Matrices (n, 2, 2) from pixel offsets (dx, dy) to the profile frame.
+
+    In that frame the profile is circular and radii are in units of ``r_e``
+    (major axis along the first coordinate, the minor one divided by ``q``).
+    """
+    sp, cp = np.sin(pa), np.cos(pa)
+    rot = np.stack([np.stack([sp, cp], -1), np.stack([cp / q, -sp / q], -1)], -2)
+    return rot @ np.asarray(jac, float) / r_e[:, None, None]
+
+
+def sersic_enclosed(radius, n) -> np.ndarray:
+    """``int_0^R I(r) r dr`` of ``I = exp(-b_n (r^(1/n) - 1))`` (radii in units of r_e).
+
+    The flux within radius ``R`` of a circular Sersic profile is ``2 pi`` times
+    this (in units of the surface brightness at r_e times r_e^2).
+    """
+    n = np.asarray(n, float)
+    b = sersic_b(n)
+    norm = np.exp(b) * n * b ** (-2.0 * n) * special.gamma(2.0 * n)
+    return norm * special.gammainc(2.0 * n, b * np.asarray(radius, float) ** (1.0 / n))
+
+
+def _triangle_flux(pa: np.ndarray, pb: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Integral of the circular profile over the triangles (0, pa, pb), profile frame.
+
+    In polar coordinates about the vertex at the origin the integral is
+    ``int C(rho(theta)) d theta`` with ``C`` = :func:`sersic_enclosed` and
+    ``rho`` the distance to the edge ``pa -> pb``; Gauss-Legendre in theta.
+    ``pa``, ``pb``: (..., 2); ``n`` broadcasts against (...).
+    """
+    cross = pa[..., 0] * pb[..., 1] - pa[..., 1] * pb[..., 0]
+    span = np.arctan2(cross, np.sum(pa * pb, axis=-1))
+    theta = np.arctan2(pa[..., 1], pa[..., 0])[..., None] + 0.5 * span[..., None] * (_GL_X + 1)
+    edge = pb - pa
+    denom = np.cos(theta) * edge[..., 1, None] - np.sin(theta) * edge[..., 0, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.abs(cross[..., None] / denom)
+    vals = np.nan_to_num(sersic_enclosed(rho, np.asarray(n)[..., None]), nan=0.0, posinf=0.0)
+    return 0.5 * np.abs(span) * (vals @ _GL_W)
+
+
+def _exact_core(img, dx, dy, to_norm, ns) -> None:
+    """Replace the central pixels of Sersic stamps by their exact integrals, in place.
+
+    ``img`` (n, S, S) holds pixel integrals (units of I_e px^2); the stamps'
+    profiles are centred at ``(dx, dy)`` from their central pixel.  Each
+    pixel's integral is a difference of the profile's integral over the
+    rectangles between its centre and the pixel corners (a 2-D cumulative
+    sum anchored at the centre), each rectangle two triangles with a vertex
+    at the centre (:func:`_triangle_flux`).
+    """
+    half = img.shape[1] // 2
+    hb = min(_EXACT_CORE_HALF, half)
+    k = np.arange(2 * hb + 2) - hb - 0.5
+    cx = k[None, None, :] - dx[:, None, None]  # (n, 1, K) corner x offsets
+    cy = k[None, :, None] - dy[:, None, None]  # (n, K, 1)
+    cx, cy = np.broadcast_arrays(cx, cy)
+    zero = np.zeros_like(cx)
+
+    def to_frame(x, y):
+        return np.einsum("nij,nabj->nabi", to_norm, np.stack([x, y], -1))
+
+    p1, p2, p3 = to_frame(cx, zero), to_frame(cx, cy), to_frame(zero, cy)
+    nn = ns[:, None, None]
+    rect = _triangle_flux(p1, p2, nn) + _triangle_flux(p2, p3, nn)
+    cum = np.sign(cx) * np.sign(cy) * rect / np.abs(np.linalg.det(to_norm))[:, None, None]
+    block = cum[:, 1:, 1:] - cum[:, :-1, 1:] - cum[:, 1:, :-1] + cum[:, :-1, :-1]
+    img[:, half - hb:half + hb + 1, half - hb:half + hb + 1] = block
 
 
 # --------------------------------------------------------------------------
@@ -516,6 +616,33 @@ def _batch_convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return fft.irfft2(prod, s=(n, n))[:, :size, :size]
 
 
+def _cuspy_galaxies(dx, dy, jac, cols, half: int, psf: Mapping, x, y, hp: int) -> np.ndarray:
+    """PSF-convolved, pixel-integrated stamps of cuspy Sersic galaxies.
+
+    Profile and Moffat PSF are integrated over sub-pixels of a grid
+    :data:`_GALAXY_OVERSAMPLE` times finer, convolved there and summed into
+    pixels: the observed image (profile convolved with the PSF, integrated
+    over pixels) up to aliasing on the fine grid.  Returns unit-sum stamps
+    (n, 2 (half + hp) + 1, 2 (half + hp) + 1) centred like ``half + hp``.
+    """
+    o = _GALAXY_OVERSAMPLE
+    hs, ps = o * half + o // 2, o * hp + o // 2  # (the central pixel's sub-pixels are centred)
+    m = 2 * (half + hp) + 1
+    start = hs + ps - (o * m) // 2
+    fwhm, e1, e2 = psf_params_at(psf, x, y)
+    out = np.empty((len(x), m, m))
+    for b in range(0, len(x), _CUSPY_BATCH):
+        sl = slice(b, b + _CUSPY_BATCH)
+        gal = sersic_stamps(dx[sl] * o, dy[sl] * o, jac / o, *(c[sl] for c in cols), hs,
+                            oversample=1)
+        zero = np.zeros(len(gal))
+        ker = moffat_stamps(zero, zero, fwhm[sl] * o, e1[sl], e2[sl], psf["beta"], ps)
+        conv = _batch_convolve(gal, ker / ker.sum(axis=(1, 2), keepdims=True))
+        conv = conv[:, start:start + o * m, start:start + o * m]
+        out[sl] = conv.reshape(-1, m, o, m, o).sum(axis=(2, 4))
+    return out
+
+
 def _render_galaxies(image, src: pd.DataFrame, psf: PsfSpec, jac: np.ndarray,
                      pixel_scale: float, psf_size: int) -> np.ndarray:
     """Add Sersic galaxies convolved with the local PSF; return rendered flux."""
@@ -541,10 +668,12 @@ def _render_galaxies(image, src: pd.DataFrame, psf: PsfSpec, jac: np.ndarray,
         sel = np.flatnonzero((hg == half) & (oversample == os_) & (nser == ns))
         cols = [src[c].to_numpy(float)[sel] for c in ("r_e_arcsec", "sersic_n", "axis_ratio",
                                                         "pa_deg")]
-        gal = sersic_stamps(dx[sel], dy[sel], jac, *cols, int(half), oversample=int(os_))
-        ker = _galaxy_psf(psf, src["x"].to_numpy(float)[sel], src["y"].to_numpy(float)[sel],
-                          hp, psf_size)
-        conv = _batch_convolve(gal, ker)
+        xs, ys = src["x"].to_numpy(float)[sel], src["y"].to_numpy(float)[sel]
+        if isinstance(psf, Mapping) and ns > _CUSPY_SERSIC_N:
+            conv = _cuspy_galaxies(dx[sel], dy[sel], jac, cols, int(half), psf, xs, ys, hp)
+        else:
+            gal = sersic_stamps(dx[sel], dy[sel], jac, *cols, int(half), oversample=int(os_))
+            conv = _batch_convolve(gal, _galaxy_psf(psf, xs, ys, hp, psf_size))
         _add_stamps(image, conv, ix[sel], iy[sel], flux[sel])
         rendered[sel] = flux[sel] * conv.sum(axis=(1, 2))
     return rendered
