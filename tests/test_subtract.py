@@ -314,3 +314,85 @@ def test_wing_basis_recovers_wing_flux(normal_pair, normal_result):
     # measured: 0.10 % with the wing term, 0.19 % without
     assert err_w < err_n
     assert normal_result.chi2_mean <= no_wings.chi2_mean * 1.001
+
+
+def test_bright_star_with_wide_footprint_is_a_candidate():
+    """A bright star's 5-sigma footprint in a deep template is wider than the stamp.
+
+    It used to be refused for that (and for a masked pixel anywhere within the
+    stamp plus the kernel), which left only faint kernel stars on fields with
+    Kolmogorov-like PSF wings.
+    """
+    n = 301
+    img = np.zeros((n, n))
+    _add(img, moffat_kernel(5.0, 121, beta=2.0), 150, 150, 2e6)  # S/N ~ 1e4, broad wings
+    var = np.full((n, n), 100.0)
+    ref = Exposure(img + np.random.default_rng(0).normal(0, 10, (n, n)), var,
+                   np.zeros((n, n), np.int32), psf=PsfModel.gaussian(5.0, K, n, n))
+    bad = np.zeros((n, n), bool)
+    bad[150, 185] = True  # a masked pixel 35 px from the star, beyond its core + margin
+    xy = sub.select_kernel_candidates(ref, ref, half=20, margin=20, bad=bad, core=10)
+    assert [tuple(v) for v in xy] == [(150, 150)]
+    # the whole stamp plus the kernel reach must be clear when no core is given
+    assert len(sub.select_kernel_candidates(ref, ref, half=20, margin=20, bad=bad)) == 0
+
+
+def test_fit_leaves_out_what_masked_pixels_reach(sharp_pair):
+    """Masked pixels next to a kernel star must not enter its fit, whatever they hold.
+
+    Each candidate gets a masked 5 x 5 block 30 px away (beyond its core, so it
+    stays a candidate).  Told which pixels are bad, the fit leaves out every
+    stamp pixel they reach through the kernel: garbage there changes nothing.
+    """
+    sci, tmpl, _ = sharp_pair
+    n = sci.shape[0]
+    basis = sub.alard_lupton_basis(K, sub.basis_sigmas(1.5, 1.7, 4) + (4.0,), (4, 2, 2, 2, 2))
+    cand = sub.select_kernel_candidates(tmpl, sci, half=20, margin=20)
+    bad = np.zeros((n, n), bool)
+    for x, y in cand:
+        bad[y - 2:y + 3, x + 28:x + 33] = True
+
+    def with_values(value):
+        a = Exposure(sci.image.copy(), sci.variance.copy(), sci.mask, psf=sci.psf)
+        b = Exposure(tmpl.image.copy(), tmpl.variance.copy(), tmpl.mask, psf=tmpl.psf)
+        a.image[bad], b.image[bad] = value, -value
+        return a, b
+
+    kw = dict(spatial_order=0, background_order=0, debias_noise=True)
+    zeros = sub.fit_matching_kernel(*with_values(0.0), cand, basis, bad=bad, **kw).kernel.at()
+    junk = sub.fit_matching_kernel(*with_values(1e5), cand, basis, bad=bad, **kw).kernel.at()
+    blind = sub.fit_matching_kernel(*with_values(1e5), cand, basis, **kw).kernel.at()
+    assert np.abs(junk - zeros).max() < 1e-9 * np.abs(zeros).max()   # float round-off
+    assert zeros.sum() == pytest.approx(TMPL_SCALE, rel=0.005)
+    # not told, the same garbage moves the scale (by 0.8 %: clipping drops the worst stamps)
+    assert abs(blind.sum() - zeros.sum()) > 2e-3
+
+
+def test_kernel_sum_is_one_number(normal_result):
+    """Only the kernel's shape varies over the field: its sum (the flux scale) is constant."""
+    r = normal_result
+    assert r.kernel.order == 1   # (cross-validation picks the spatial order: a varying shape)
+    assert r.kernel_sum_std < 1e-9 * r.kernel_sum
+    assert r.kernel_sum == pytest.approx(1 / TMPL_SCALE, rel=0.005)
+
+
+def _gaussian_psf_model(n, fwhm0, dfwhm):
+    """Order-1 PsfModel of Gaussians whose FWHM runs linearly in u (``fwhm0 +- dfwhm``)."""
+    pts = [(x, y) for x in (0, n - 1) for y in (0, n - 1)]
+    stack = np.array([gaussian_kernel(fwhm0 + dfwhm * (2 * x / (n - 1) - 1), K) for x, _ in pts])
+    u = np.array([2 * x / (n - 1) - 1 for x, _ in pts])
+    v = np.array([2 * y / (n - 1) - 1 for _, y in pts])
+    coef, *_ = np.linalg.lstsq(poly_terms(u, v, 1).T, stack.reshape(4, -1), rcond=None)
+    return PsfModel(coeffs=coef.reshape(3, K, K), order=1, width=n, height=n)
+
+
+@pytest.mark.parametrize("dfwhm, mode", [(0.0, "convolve_template"), (0.2, "convolve_template"),
+                                         (0.5, "convolve_science")])
+def test_mode_for_nearly_equal_psfs(dfwhm, mode):
+    """A science PSF broader than the template's at the centre (5.7 vs 5.6 px) but sharper
+    at two corners: the template is convolved while the corners are within 5 %."""
+    tmpl = PsfModel.gaussian(5.6, K, 1000, 1000)
+    sci = _gaussian_psf_model(1000, 5.7, dfwhm)
+    assert sub.choose_mode(sci, tmpl) == mode
+    # a sharper science PSF at the centre is always convolved (never deconvolved)
+    assert sub.choose_mode(_gaussian_psf_model(1000, 5.5, dfwhm), tmpl) == "convolve_science"

@@ -247,18 +247,26 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
                              margin: int, min_snr: float = 20.0,
                              max_snr: float = 1.0e5, cell_size: int = 512,
                              max_candidates: int = 150, detect_sigma: float = 5.0,
-                             bad: np.ndarray | None = None) -> np.ndarray:
-    """Isolated, unmasked, well-measured point sources for the kernel fit.
+                             bad: np.ndarray | None = None,
+                             core: int | None = None) -> np.ndarray:
+    """Isolated, unmasked, well-measured sources for the kernel fit.
 
     Sources are found on ``reference`` (normally the less noisy template) as
     connected regions of its matched-filter significance above
     ``detect_sigma`` (computed on 2 x 2 binned pixels for images of 2048
     pixels or more, for speed); each region is one candidate at its brightest
     pixel.  A candidate is kept when its peak significance is in
-    ``[min_snr, max_snr]``, its region fits inside the stamp, no other region
-    with a brighter peak lies within the stamp, it is at least ``half +
-    margin`` pixels from the border, and neither image has a
-    :data:`diffim.masks.BAD_FOR_FIT` pixel within ``half + margin`` of it.  The
+    ``[min_snr, max_snr]``, no other region with a brighter peak lies within
+    the stamp, it is at least ``half + margin`` pixels from the border, and
+    neither image has a :data:`diffim.masks.BAD_FOR_FIT` pixel within ``core +
+    margin`` of it (``core`` defaults to ``half``: the whole stamp).  With a
+    smaller ``core`` the fit leaves out the stamp pixels that a masked pixel
+    can reach through the kernel (:func:`fit_matching_kernel` with ``bad``),
+    so a cosmic ray 30 px from a bright star no longer costs the star.  The
+    size of a region is not limited: the 5-sigma footprint of a bright star
+    in a deep template is wider than a 41-px stamp (with Kolmogorov-like PSF
+    wings every star brighter than S/N ~300 was lost), and the stamp need not
+    hold all of a source.  The
     image is divided into square cells of ``cell_size`` pixels (at least
     3 x 3) and the brightest candidates of each cell are taken, at most
     ``ceil(max_candidates / n_cells)`` per cell, so they spread over the field.
@@ -279,22 +287,22 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
         bad_any = bad
     img = np.where(bad_any, np.float32(0), reference.image.astype(np.float32, copy=False))
     sig, f = binned_significance(img, reference.variance, reference.psf.at(), bad_any)
-    peaks, pos, ext = label_peaks(sig, detect_sigma)
+    peaks, pos, _ = label_peaks(sig, detect_sigma)
     if len(peaks) == 0:
         return np.zeros((0, 2), dtype=int)
     pos = pos * f
-    ext = ext * f
     reach = half + margin
+    clear = (half if core is None else int(core)) + margin
     px, py = pos[:, 1], pos[:, 0]
     keep = []
     for i in np.argsort(-peaks):
-        if not (min_snr <= peaks[i] <= max_snr) or ext[i] > 2 * half + 1:
+        if not min_snr <= peaks[i] <= max_snr:
             continue
         x, y = refine_binned_peak(img, px[i], py[i], f)
         if x < reach or y < reach or x >= nx - reach or y >= ny - reach:
             continue
         near = (np.abs(px - x) <= half) & (np.abs(py - y) <= half) & (peaks > peaks[i])
-        if near.any() or bad_any[y - reach:y + reach + 1, x - reach:x + reach + 1].any():
+        if near.any() or bad_any[y - clear:y + clear + 1, x - clear:x + clear + 1].any():
             continue
         keep.append((i, x, y))
     if not keep:
@@ -411,6 +419,13 @@ def _solve_global(G, h, p, r, nb):
     ``G`` (n, m, m), ``h`` (n, m) per stamp (``m = nb`` or ``nb + 1``); ``p`` (n, nq)
     kernel spatial terms and ``r`` (n, nr) background terms at the stamp centres.
     Returns ``coef`` (nb, nq) and ``bg`` (nr,).
+
+    The kernel *sum* (the coefficient of basis 0) is one number for the whole
+    image; only the kernel's shape varies in space.  Both images are
+    calibrated, so their flux ratio does not change across a detector, and
+    a free spatial sum absorbs noise and variable stars instead: on a sparse
+    field with many variables an order-1 sum ran from 0.5 to 0.9 across one
+    detector (60 false detections where its neighbour had 2).
     """
     nq, nr = p.shape[1], r.shape[1]
     akk = np.einsum("ikl,is,it->ksl t".replace(" ", ""), G[:, :nb, :nb], p, p)
@@ -424,6 +439,9 @@ def _solve_global(G, h, p, r, nb):
         bvec = np.concatenate([bk, bb])
     else:
         amat, bvec = akk, bk
+    free = np.ones(len(bvec), bool)
+    free[1:nq] = False  # basis 0 x the non-constant spatial terms: a spatially varying sum
+    amat, bvec = amat[np.ix_(free, free)], bvec[free]
     scale = np.sqrt(np.clip(np.diag(amat), 1e-300, None))
     a_s = amat / scale[:, None] / scale[None, :]
     try:
@@ -433,8 +451,9 @@ def _solve_global(G, h, p, r, nb):
             raise np.linalg.LinAlgError("non-finite solution")
     except np.linalg.LinAlgError:
         sol, *_ = np.linalg.lstsq(a_s, bvec / scale, rcond=1e-12)
-    sol = sol / scale
-    return sol[:nb * nq].reshape(nb, nq), sol[nb * nq:]
+    full = np.zeros(len(free))
+    full[free] = sol / scale
+    return full[:nb * nq].reshape(nb, nq), full[nb * nq:]
 
 
 def _stamp_products(G, h, coef, bg, p, r) -> tuple[np.ndarray, np.ndarray]:
@@ -546,7 +565,8 @@ def fit_matching_kernel(to_convolve: Exposure, reference: Exposure, candidates: 
                         max_iter: int = 5, stamp_half: int | None = None,
                         variance_factor: float = 1.0,
                         min_stamps: int | None = None,
-                        debias_noise: bool = False) -> KernelFit:
+                        debias_noise: bool = False,
+                        bad: np.ndarray | None = None) -> KernelFit:
     """Fit ``k (x) A + bg ~ B`` on stamps around ``candidates``.
 
     Parameters
@@ -575,6 +595,10 @@ def fit_matching_kernel(to_convolve: Exposure, reference: Exposure, candidates: 
         contribution from the normal equations (:func:`_noise_bias`), which
         removes most of the errors-in-variables bias of the kernel (the rest
         regularises the frequencies where ``A`` has no signal).
+    bad : ndarray of bool, optional
+        Unusable pixels of either image (zeroed in both).  Stamp pixels of
+        ``B`` that one of them can reach through the kernel (within ``k // 2``)
+        get no weight.
 
     Raises
     ------
@@ -601,6 +625,9 @@ def fit_matching_kernel(to_convolve: Exposure, reference: Exposure, candidates: 
         sl = (slice(y - hs, y + hs + 1), slice(x - hs, x + hs + 1))
         var = reference.variance[sl] + variance_factor * to_convolve.variance[sl]
         w = np.where(var > 0, 1.0 / np.where(var > 0, var, 1.0), 0.0)
+        if bad is not None:
+            reached = dilate(bad[y - hs - hk:y + hs + hk + 1, x - hs - hk:x + hs + hk + 1], hk)
+            w[reached[hk:-hk, hk:-hk]] = 0.0
         g_i, h_i, y_i = _stamp_normal_equations(a_cut.astype(float),
                                                 reference.image[sl].astype(float), w, bfft,
                                                 with_bg)
@@ -808,15 +835,31 @@ class SubtractionResult:
                 "fwhm_template": self.fwhm_template}
 
 
+#: :func:`choose_mode` convolves the template when it is narrower at the centre
+#: and at most this fraction broader (FWHM) at the corners: there the kernel
+#: sharpens by at most ``2 x 5 %`` of sigma^2, a near-delta kernel.
+MODE_FWHM_TOLERANCE = 0.05
+
+
 def choose_mode(psf_sci: PsfModel, psf_tmpl: PsfModel) -> str:
     """``"convolve_template"`` if the template PSF is the narrower one, else ``"convolve_science"``.
 
     Compared by adaptive-moment FWHM at the centre and the four corners: the
-    template is convolved only if it is narrower everywhere.
+    template is convolved if it is narrower at the centre and nowhere broader
+    than the science PSF by more than :data:`MODE_FWHM_TOLERANCE`.  Where the
+    two PSFs are nearly equal the kernel is close to a delta function either
+    way, and convolving the deep template is the stable choice: convolving a
+    single visit's noisy image shrinks a least-squares kernel (errors in
+    variables).  A visit whose PSF was 1.6 % broader than the template's at
+    the centre and 3.4 % sharper at two corners (a 12 % variation over the
+    detector) was differenced with its science image convolved, and the
+    kernel sum came out 0.74 instead of ~1.
     """
-    pts = [(None, None)] + [(x, y) for x in (0, psf_sci.width - 1) for y in (0, psf_sci.height - 1)]
-    for x, y in pts:
-        if psf_tmpl.fwhm(x, y) >= psf_sci.fwhm(x, y):
+    if psf_tmpl.fwhm() >= psf_sci.fwhm():
+        return "convolve_science"
+    corners = [(x, y) for x in (0, psf_sci.width - 1) for y in (0, psf_sci.height - 1)]
+    for x, y in corners:
+        if psf_tmpl.fwhm(x, y) > (1.0 + MODE_FWHM_TOLERANCE) * psf_sci.fwhm(x, y):
             return "convolve_science"
     return "convolve_template"
 
@@ -868,14 +911,24 @@ def _prepare(exp: Exposure, bad: np.ndarray, psf: PsfModel, in_place: bool) -> E
 
 def _fit_kernel(a: Exposure, b: Exposure, bad, basis, *, spatial_order, background_order,
                 n_sigma_clip, variance_factor, candidate_kw, fallback, psf_a, psf_b,
-                debias_noise=False):
-    """Kernel from stars, or from the PSF models if stars are too few (and ``fallback``)."""
+                debias_noise=False, template_is_a=False):
+    """Kernel from stars, or from the PSF models if stars are too few (and ``fallback``).
+
+    Kernel stars are found on the template (``a`` when ``template_is_a``, else
+    ``b``), the deeper image, in either convolution direction: found on a
+    single visit, a sparse field had 9-11 of them where the template had 50.
+    """
     hk = basis.shape[1] // 2
-    cand = select_kernel_candidates(b, a, half=hk, margin=hk, bad=bad, **candidate_kw)
+    # a masked pixel may sit beyond the star's core: the fit leaves out what it reaches
+    core = int(np.ceil(2.0 * psf_b.fwhm()))
+    deep, other = (a, b) if template_is_a else (b, a)
+    cand = select_kernel_candidates(deep, other, half=hk, margin=hk, bad=bad, core=core,
+                                    **candidate_kw)
     try:
         fit = fit_matching_kernel(a, b, cand, basis, spatial_order=spatial_order,
                                   background_order=background_order, n_sigma_clip=n_sigma_clip,
-                                  variance_factor=variance_factor, debias_noise=debias_noise)
+                                  variance_factor=variance_factor, debias_noise=debias_noise,
+                                  bad=bad)
         return fit, "sources"
     except InsufficientKernelSourcesError as exc:
         if not fallback:
@@ -1028,7 +1081,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                                                 cell_size=candidate_cell_size,
                                                 max_candidates=max_candidates),
                               fallback=fallback, psf_a=psf_a, psf_b=psf_b,
-                              debias_noise=mode == "convolve_science")
+                              debias_noise=mode == "convolve_science",
+                              template_is_a=mode == "convolve_template")
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     diff, var, mask, phi, background = _apply(a, b, fit, mode, hk, science, template,
