@@ -226,3 +226,26 @@ def test_forced_photometry_analytic():
     assert e[0] == pytest.approx(1.0 / np.sqrt((p**2).sum() / 100.0), rel=0.01)
     f2, _ = det.forced_psf_photometry(d, np.array([50.0, 120.4]), np.array([50.0, 130.7]))
     assert abs(f2[0]) < 1e-6 * 5000 and f2[1] == pytest.approx(f[0])
+
+
+def test_peaks_the_psf_fit_does_not_see_are_left_out():
+    """A peak of the filtered image with no point source under it is not a DIASource.
+
+    Stands for the side-lobes that a correlated-noise detection filter leaves
+    around a bright transient: significance without PSF-shaped flux.
+    """
+    from dataclasses import replace
+
+    d = _noise_diff(seed=2)
+    _add_psf(d, 100.3, 90.6, 4000.0)                   # a point source, S/N ~ 25
+    sig = det.significance_maps(d)
+    yy, xx = np.mgrid[:256, :256]
+    lobe = (8.0 * np.exp(-((xx - 180) ** 2 + (yy - 60) ** 2) / (2 * 2.0**2))).astype(np.float32)
+    fake = replace(sig, image=sig.image - lobe, statistical=sig.statistical - lobe)
+    every = det.detect_dia_sources(d, significance=fake, min_fit_fraction=0.0)
+    kept = det.detect_dia_sources(d, significance=fake)
+    assert len(every) == 2 and every["isNegative"].sum() == 1
+    assert len(kept) == 1 and not kept["isNegative"].iloc[0]
+    assert abs(kept["x"].iloc[0] - 100.3) < 0.3 and abs(kept["y"].iloc[0] - 90.6) < 0.3
+    # a real point source's PSF fit recovers its significance
+    assert kept["psfSnr"].iloc[0] / kept["snr"].iloc[0] == pytest.approx(1.0, abs=0.1)
