@@ -249,3 +249,20 @@ def test_peaks_the_psf_fit_does_not_see_are_left_out():
     assert abs(kept["x"].iloc[0] - 100.3) < 0.3 and abs(kept["y"].iloc[0] - 90.6) < 0.3
     # a real point source's PSF fit recovers its significance
     assert kept["psfSnr"].iloc[0] / kept["snr"].iloc[0] == pytest.approx(1.0, abs=0.1)
+
+
+def test_no_sources_on_the_rim_of_saturated_cores():
+    """Peaks just outside a large SAT region (a saturated star's core) are not reported;
+    the same peak next to a small one (a saturated cosmic ray) or far away is."""
+    d = _noise_diff(seed=3)
+    d.mask[100:116, 100:116] |= masks.bit("SAT")       # 256 px: a saturated star's core
+    d.mask[200:203, 60:63] |= masks.bit("SAT")         # 9 px
+    d.image[d.mask != 0] = 0.0
+    for x, y in [(121.0, 108.0), (61.0, 208.0), (200.0, 50.0)]:   # 5-6 px off the masks; far
+        _add_psf(d, x, y, 3000.0)
+    cat = det.detect_dia_sources(d)
+    xy = sorted(zip(cat["x"].round(), cat["y"].round()))
+    assert xy == [(61.0, 208.0), (200.0, 50.0)]
+    # without the large region the first one is found too (the test can fail)
+    d.mask[100:116, 100:116] = 0
+    assert len(det.detect_dia_sources(d)) == 3

@@ -47,7 +47,7 @@ class CalexpConfig:
     background_box: int = 128
     read_noise: float = 5.0
     saturation: float | None = None
-    sip_order: int = 2
+    sip_order: int = 3
     max_shift_arcsec: float = 10.0
     max_rot_deg: float = 0.2
     max_scale_error: float = 0.01
