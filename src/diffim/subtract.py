@@ -18,10 +18,11 @@ Overview of :func:`subtract_images`
    Alard-Lupton basis (Gaussians times polynomials, widths scaled to
    ``sqrt(|sigma_sci^2 - sigma_tmpl^2|)``) and ``P_s`` the 2-D monomials of
    :func:`diffim.psf.poly_terms`.  The basis is arranged so that only ``B_0``
-   has a nonzero sum: the kernel sum (photometric scale) is the spatial
-   polynomial of ``a_0s``, free in the fit.  A differential background
-   polynomial is fitted jointly.  The fit uses stamps around isolated,
-   unmasked, bright template sources spread over a grid of cells, with
+   has a nonzero sum: the kernel sum (photometric scale) is ``a_00``, one
+   number per image (only the kernel's shape varies in space).  A
+   differential background polynomial is fitted jointly.  The fit uses
+   stamps around isolated, unmasked, bright template sources spread over a
+   grid of cells (found on the template in either direction), with
    iterative clipping of stamps whose residual chi^2 per pixel is an outlier.
    With too few stamps the kernel is fitted to the two PSF *models* instead
    (``kernel_source = "psf_models"``).  The spatial order actually used (0 up
