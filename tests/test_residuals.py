@@ -127,7 +127,9 @@ def test_injected_systematics_recovered(eps, delta, width):
     sys = detect.noise_terms(diff, scene).systematics
     # ~100 informative stars: an RMS is measured to ~10 %; 25 % allows the noise
     # floor of the fainter ones and the crude starting point of the clipping
-    assert sys.scale_error == pytest.approx(eps, abs=0.25 * max(eps, 0.004))
+    # the scale is fitted without the width column, so a width residual leaks into it
+    # (0.0046 for width 0.06 alone): counted twice, on the safe side
+    assert sys.scale_error == pytest.approx(eps, abs=0.25 * max(eps, 0.004) + 0.1 * width)
     assert sys.shift_error == pytest.approx(delta, abs=0.25 * max(delta, 0.02))
     # c_i is injected per unit of sigma^2 (lap P / 2): zeta = width / 2; a 0.06 px^2
     # width error is a 2 % error of sigma^2 (1 % in FWHM)
@@ -199,6 +201,7 @@ def test_width_residuals_are_noise_not_sources():
     near_star = lambda s: (np.hypot(s["x"].to_numpy()[:, None] - xs,  # noqa: E731
                                     s["y"].to_numpy()[:, None] - ys).min(axis=1) < 8).sum()
     without = replace(noise, systematics=replace(noise.systematics, width_error=0.0))
-    # measured 53 residuals detected without the width term, 1 with it
-    assert near_star(detect.detect_dia_sources(diff, noise=without, scene=scene)) > 20
+    # measured 13 residuals detected without the width term (the scale term takes part
+    # of them), 1 with it
+    assert near_star(detect.detect_dia_sources(diff, noise=without, scene=scene)) > 8
     assert near_star(detect.detect_dia_sources(diff, noise=noise, scene=scene)) <= 3

@@ -420,14 +420,21 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     for (x, y), terms in zip(sources_xy, _disc_terms(diff_img, diff_var, bad, scene, h,
                                                      c_filter, sources_xy, radius)):
         if terms is not None:
-            fit = _amplitudes(*terms, rho_f)
-            if fit is not None:
-                fits.append(fit)
+            f, vf, design, yx = terms
+            # scale and shift from (S_f, grad S_f) alone, the width from all four columns:
+            # lap S_f is correlated with S_f, and fitting it with the scale would leave the
+            # scale to the few brightest stars of a small image (a tiny dataset's eps went
+            # from 0 to 0.023 between two encodings of the same pixels)
+            fit3 = _amplitudes(f, vf, design[:, :3], yx, rho_f)
+            fit4 = _amplitudes(f, vf, design, yx, rho_f)
+            if fit3 is not None and fit4 is not None:
+                fits.append((np.append(fit3[0], fit4[0][3]),
+                             np.append(np.diag(fit3[1]), fit4[1][3, 3])))
                 xy_used.append((x, y))
     if len(fits) < MIN_SOURCES:
         return Systematics()
     theta = np.array([t for t, _ in fits])
-    var = np.array([np.diag(c) for _, c in fits])
+    var = np.array([v for _, v in fits])
     eps2, keep = random_effect(theta[:, 0], var[:, 0])
     # the shift is isotropic: both axes are draws of one random effect
     delta2, _ = random_effect(theta[keep, 1:3].ravel(), var[keep, 1:3].ravel())
