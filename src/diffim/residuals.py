@@ -39,12 +39,15 @@ source of the opposite sign.  At mag 16-17 stars it left 5-8 sigma
 ``eps`` (dimensionless), ``delta`` (pixels), ``zeta`` (pixels^2) and
 ``omega`` are measured on each difference image itself, at the bright
 peaks of the scene (:func:`measure_systematics`).  On a disc around every
-such source the amplitudes ``(a, b_x, b_y, c)`` of ``F ~ a S_f + b . grad
-S_f + c lap S_f`` are fitted by weighted least squares, with their
-covariance from the filtered noise's own correlation.  ``eps^2``,
-``delta^2`` and ``zeta^2`` are the variances of these amplitudes over the
-sources beyond their noise (a random-effects estimate); sources whose
-amplitude is more than 3 sigma off (variable stars) are left out.  ``omega^2`` is then the regression of the remaining excess
+such source the amplitudes ``(a, b_x, b_y)`` of ``F ~ a S_f + b . grad
+S_f`` and ``c`` of ``F ~ a S_f + b . grad S_f + c lap S_f`` are fitted by
+weighted least squares, with their covariance from the filtered noise's own
+correlation (``a`` and ``b`` from the first fit: ``lap S_f`` is correlated
+with ``S_f``, and on a small image the joint fit left the scale to a few
+stars).  ``eps^2``, ``delta^2`` and ``zeta^2`` are the variances of these
+amplitudes over the sources beyond their noise (a random-effects estimate);
+sources whose amplitude is more than 3 sigma off (variable stars) are left
+out.  ``omega^2`` is then the regression of the remaining excess
 ``F^2 - Var[F]`` on ``W_f^2`` in an annulus outside the disc.
 
 The scene's overall scale does not matter (``eps`` is measured against the
