@@ -322,14 +322,22 @@ def _wing_variance(stamps, eps2: float, delta2: float, zeta2: float) -> float:
     return max(num / den, 0.0) if den > 0 else 0.0
 
 
-def _amplitudes(f, vf, design, yx, rho_f):
-    """Weighted LSQ amplitudes ``(a, b_x, b_y, c)`` of ``F ~ design . theta`` and their covariance.
+def _noise_covariance(vf, yx, rho_f):
+    """Covariance of the filtered noise between the disc pixels ``yx`` (variances ``vf``)."""
+    half = rho_f.shape[0] // 2
+    dy = yx[:, 0][:, None] - yx[:, 0][None, :] + half
+    dx = yx[:, 1][:, None] - yx[:, 1][None, :] + half
+    sd = np.sqrt(vf)
+    return rho_f[dy, dx] * sd[:, None] * sd[None, :]
+
+
+def _amplitudes(f, vf, design, cov_f):
+    """Weighted LSQ amplitudes of ``F ~ design . theta`` and their covariance.
 
     Weights ``1 / vf``; the covariance is the sandwich estimate with the
-    filtered noise's own correlation (neighbouring pixels of ``F`` are far
-    from independent).
+    filtered noise's own correlation ``cov_f`` (:func:`_noise_covariance`;
+    neighbouring pixels of ``F`` are far from independent).
     """
-    half = rho_f.shape[0] // 2
     aw = design / vf[:, None]
     m = design.T @ aw
     try:
@@ -337,10 +345,6 @@ def _amplitudes(f, vf, design, yx, rho_f):
     except np.linalg.LinAlgError:
         return None
     theta = minv @ (aw.T @ f)
-    dy = yx[:, 0][:, None] - yx[:, 0][None, :] + half
-    dx = yx[:, 1][:, None] - yx[:, 1][None, :] + half
-    sd = np.sqrt(vf)
-    cov_f = rho_f[dy, dx] * sd[:, None] * sd[None, :]
     cov = minv @ (aw.T @ cov_f @ aw) @ minv
     return theta, cov
 
@@ -428,8 +432,9 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
             # lap S_f is correlated with S_f, and fitting it with the scale would leave the
             # scale to the few brightest stars of a small image (a tiny dataset's eps went
             # from 0 to 0.023 between two encodings of the same pixels)
-            fit3 = _amplitudes(f, vf, design[:, :3], yx, rho_f)
-            fit4 = _amplitudes(f, vf, design, yx, rho_f)
+            cov_f = _noise_covariance(vf, yx, rho_f)
+            fit3 = _amplitudes(f, vf, design[:, :3], cov_f)
+            fit4 = _amplitudes(f, vf, design, cov_f)
             if fit3 is not None and fit4 is not None:
                 fits.append((np.append(fit3[0], fit4[0][3]),
                              np.append(np.diag(fit3[1]), fit4[1][3, 3])))
