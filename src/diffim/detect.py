@@ -835,7 +835,7 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     n_found = len(rows)
     rows = [r for r in rows if _point_like(r, min_fit_fraction)]
     n_point = len(rows)
-    halo = _saturation_halo(diff.mask, int(np.ceil(HALO_FWHM * fwhm)))
+    halo = _saturation_halo(diff.mask, int(np.ceil(HALO_FWHM * fwhm))) if rows else None
     if halo is not None:
         rows = [r for r in rows if not halo[int(round(r["y"])), int(round(r["x"]))]]
     logger.info("detected %d positive, %d negative sources -> %d DIASources (%d dipoles; "

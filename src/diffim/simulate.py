@@ -452,13 +452,14 @@ def sersic_stamps(dx, dy, jac, r_e, n_sersic, q, pa_deg, half: int, *,
         img = np.exp(-sersic_b(ns[sl][col]) * (_sersic_root(r2, ns[sl]) - 1.0))
         img = img.reshape(-1, size, oversample, size, oversample).sum(axis=(2, 4))
         img /= oversample**2  # (pixel integrals, I_e px^2)
-        to_norm = _profile_frame(jac, np.asarray(r_e, float)[sl], np.asarray(q, float)[sl], pa[sl])
-        cusp = np.flatnonzero(ns[sl] > _CUSPY_SERSIC_N)  # (n <= 1.5 samples to < 1e-3)
+        cusp = np.arange(n)[sl][ns[sl] > _CUSPY_SERSIC_N]  # (n <= 1.5 samples to < 1e-3)
         if cusp.size:
-            sub_img = img[cusp]
-            _exact_core(sub_img, np.asarray(dx, float)[sl][cusp], np.asarray(dy, float)[sl][cusp],
-                        to_norm[cusp], ns[sl][cusp])
-            img[cusp] = sub_img
+            to_norm = _profile_frame(jac, np.asarray(r_e, float)[cusp], np.asarray(q, float)[cusp],
+                                     pa[cusp])
+            hb = min(_EXACT_CORE_HALF, half)
+            core = slice(half - hb, half + hb + 1)
+            img[cusp - sl.start, core, core] = _exact_core(
+                np.asarray(dx, float)[cusp], np.asarray(dy, float)[cusp], to_norm, ns[cusp], hb)
         out[sl] = img / img.sum(axis=(1, 2), keepdims=True)
     return out
 
@@ -505,18 +506,17 @@ def _triangle_flux(pa: np.ndarray, pb: np.ndarray, n: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(span) * (vals @ _GL_W)
 
 
-def _exact_core(img, dx, dy, to_norm, ns) -> None:
-    """Replace the central pixels of Sersic stamps by their exact integrals, in place.
+def _exact_core(dx, dy, to_norm, ns, hb: int) -> np.ndarray:
+    """Exact integrals (n, 2 hb + 1, 2 hb + 1) of the central pixels of Sersic stamps.
 
-    ``img`` (n, S, S) holds pixel integrals (units of I_e px^2); the stamps'
-    profiles are centred at ``(dx, dy)`` from their central pixel.  Each
+    Units of I_e px^2; the profiles are centred at ``(dx, dy)`` from the
+    central pixel, ``to_norm`` maps pixel offsets to their frames
+    (:func:`_profile_frame`).  Each
     pixel's integral is a difference of the profile's integral over the
     rectangles between its centre and the pixel corners (a 2-D cumulative
     sum anchored at the centre), each rectangle two triangles with a vertex
     at the centre (:func:`_triangle_flux`).
     """
-    half = img.shape[1] // 2
-    hb = min(_EXACT_CORE_HALF, half)
     k = np.arange(2 * hb + 2) - hb - 0.5
     cx = k[None, None, :] - dx[:, None, None]  # (n, 1, K) corner x offsets
     cy = k[None, :, None] - dy[:, None, None]  # (n, K, 1)
@@ -530,8 +530,7 @@ def _exact_core(img, dx, dy, to_norm, ns) -> None:
     nn = ns[:, None, None]
     rect = _triangle_flux(p1, p2, nn) + _triangle_flux(p2, p3, nn)
     cum = np.sign(cx) * np.sign(cy) * rect / np.abs(np.linalg.det(to_norm))[:, None, None]
-    block = cum[:, 1:, 1:] - cum[:, :-1, 1:] - cum[:, 1:, :-1] + cum[:, :-1, :-1]
-    img[:, half - hb:half + hb + 1, half - hb:half + hb + 1] = block
+    return cum[:, 1:, 1:] - cum[:, :-1, 1:] - cum[:, 1:, :-1] + cum[:, :-1, :-1]
 
 
 # --------------------------------------------------------------------------
