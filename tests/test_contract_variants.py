@@ -118,14 +118,15 @@ def test_variants_give_the_canonical_dia_sources(variant_run, tiny_run):
     workdir, config, _ = tiny_run
     canon = pd.read_parquet(workdir / config["outdir"] / "dia_sources.parquet")
     var = pd.read_parquet(variant_run / "dia_sources.parquet")
-    assert len(canon) >= 10
+    assert len(canon) >= 3
     hit, j = _matches(canon, var)
     # Near the 5-sigma threshold a few DIASources come and go: the variants add only
     # rounding noise, but discrete choices (coadd clipping, PSF and kernel stars) can
-    # amplify it.  Measured (two runs): 20-21 of 22-25 canonical DIASources found again,
-    # every one at S/N >= 7 (one miss of the first run sat beside a clipping flip).
+    # amplify it.  Until the twelfth session the canonical run had 22-50 DIASources,
+    # nearly all false (one visit's kernel sum was -2.2); now it has 4, all true
+    # variables (S/N 5.7-22), and the three at S/N >= 7 must be found again.
     strong = canon.snr.to_numpy() >= 7
-    assert strong.sum() >= 5 and hit[strong].all(), canon[strong & ~hit]
+    assert strong.sum() >= 3 and hit[strong].all(), canon[strong & ~hit]
     assert hit.mean() >= 0.7, hit.mean()
     # the same pixels give the same fluxes, to a small fraction of their errors:
     # measured |difference| / psfFluxErr median 0.06, max 0.23

@@ -240,7 +240,8 @@ def _fit_psf_model(sources, sub, variance, mask, config, saturation, path):
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
             f"(psf.min_stars = {config.psf_min_stars})")
     return stars, fit_psf(sub, variance, mask, stars, kernel_size=config.kernel_size,
-                          order=config.psf_max_order, min_stars=config.psf_min_stars)
+                          order=config.psf_max_order, min_stars=config.psf_min_stars,
+                          neighbours=sources)
 
 
 def auto_kernel_size(fwhm: float, *, n_fwhm: float = 4.5, minimum: int = 21) -> int:
