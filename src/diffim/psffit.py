@@ -438,8 +438,8 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
         chi2 = np.where(used, resid2.sum(axis=1) / npix, np.nan)
         _refine_centroids(st, data, bad | clumps, model, flux, var, k)
         moved = _centre_on_model(st, model, k, fwhm0) if np.isfinite(fwhm0) else 0.0
-        # no verdict on the first pass: its fluxes are plain sums (a neighbour's
-        # light included) and its clumps are only masked from the next fit on
+        # no verdict on the first pass: its fluxes are plain sums, a neighbour's
+        # light included
         new_used = used & _chi2_inliers(chi2, used, clip) if it > 0 else used
         if it >= 2 and (new_used == used).all() and moved < CENTRE_TOLERANCE:
             break
