@@ -226,6 +226,38 @@ def test_template_known_flags_partial_and_missing_inputs():
     assert template_known(ws, [50], [30], [0.8], radius=4).tolist() == [True]
 
 
+def test_inputs_from_weight_sum_finds_the_one_subset():
+    from diffim.evaluate import inputs_from_weight_sum
+    w = [0.347879, 0.115164, 0.291342, 0.245616]        # the default run's g inputs
+    got = inputs_from_weight_sum(0.2913 + 0.2456, w)     # a coadd pixel without 1 and 3
+    assert got.tolist() == [False, False, True, True]
+    assert inputs_from_weight_sum(sum(w), w).all()
+    assert inputs_from_weight_sum(0.5, [0.25, 0.25, 0.5]) is None   # two subsets match
+    assert inputs_from_weight_sum(0.9, w) is None                     # none matches
+    assert inputs_from_weight_sum(0.1, np.full(20, 0.05)) is None     # too many to search
+
+
+def test_restrict_coverage_drops_the_inputs_the_coadd_lost():
+    """Three variables on a g coadd of visits 1-3: one complete, one lost visit 2, one mixed."""
+    from diffim.evaluate import restrict_coverage
+    ci = pd.DataFrame({"band": "g", "patch": "0x0", "visit": [1, 2, 3], "detector": 0,
+                       "included": True, "weight": [0.5, 0.3, 0.2], "reason": ""})
+    cov = pd.DataFrame({"visit": np.repeat([1, 2, 3], 3), "id": np.tile([7, 8, 9], 3),
+                        "covered": True})
+    sums = pd.DataFrame({"band": "g", "id": [7, 8, 9], "weight_sum": [1.0, 0.7, np.nan]})
+    out, known = restrict_coverage(cov, sums, ci)
+    assert known.set_index("id")["template_known"].to_dict() == {7: True, 8: True, 9: False}
+    dropped = out[~out["covered"]][["visit", "id"]].values.tolist()
+    assert dropped == [[2, 8]]
+    fluxes = pd.DataFrame({"visit": [1, 2, 3], "band": "g", "id": 8,
+                           "flux_njy": [100.0, 1000.0, 400.0]})
+    e = expected_difference_flux(fluxes, ci, out).set_index("visit")
+    np.testing.assert_allclose(e["template_flux_njy"], (0.5 * 100 + 0.2 * 400) / 0.7)
+    # with the full coverage the template would have held visit 2's bright epoch
+    full = expected_difference_flux(fluxes, ci, cov).set_index("visit")
+    np.testing.assert_allclose(full["template_flux_njy"], 0.5 * 100 + 0.3 * 1000 + 0.2 * 400)
+
+
 def test_isolated():
     from diffim.evaluate import isolated
     ra = np.array([10.0, 10.0 + 1.5 / 3600, 10.1, 10.2])

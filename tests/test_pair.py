@@ -139,7 +139,8 @@ def test_cli_subtract_writes_difference_and_sources(tmp_path, caplog):
         hdu.writeto(tmp_path / name)
     out, table = tmp_path / "diff.fits", tmp_path / "dia.parquet"
     assert main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "ref.fits"),
-                 "--out", str(out), "--sources", str(table), "--read-noise", "5"]) == 0
+                 "--out", str(out), "--sources", str(table), "--read-noise", "5",
+                 "--threads", "1"]) == 0
     diff = read_exposure(out)
     assert diff.psf is not None and diff.meta["MODE"] == "convolve_template"
     with fits.open(out) as hdul:
@@ -151,3 +152,6 @@ def test_cli_subtract_writes_difference_and_sources(tmp_path, caplog):
     assert main(["subtract", str(tmp_path / "broken.fits"), str(tmp_path / "ref.fits"),
                  "--out", str(tmp_path / "x.fits")]) == 2
     assert "broken.fits" in caplog.text and not (tmp_path / "x.fits").exists()
+    assert main(["subtract", str(tmp_path / "sci.fits"), str(tmp_path / "ref.fits"),
+                 "--out", str(tmp_path / "x.fits"), "--threads", "0"]) == 2
+    assert "--threads" in caplog.text and not (tmp_path / "x.fits").exists()

@@ -396,3 +396,64 @@ def test_mode_for_nearly_equal_psfs(dfwhm, mode):
     assert sub.choose_mode(sci, tmpl) == mode
     # a sharper science PSF at the centre is always convolved (never deconvolved)
     assert sub.choose_mode(_gaussian_psf_model(1000, 5.5, dfwhm), tmpl) == "convolve_science"
+
+
+def _kolmogorov_kernel(fwhm, size, dx=0.0, dy=0.0, n=256):
+    """Long-exposure Kolmogorov PSF, MTF ``exp(-(f / f0)^(5/3))``; core FWHM about ``fwhm``."""
+    f = np.fft.fftfreq(n)
+    fx, fy = np.meshgrid(f, f)
+    mtf = np.exp(-(np.hypot(fx, fy) * fwhm / 0.49) ** (5 / 3))
+    psf = np.fft.fftshift(np.real(np.fft.ifft2(mtf * np.exp(-2j * np.pi * (fx * dx + fy * dy)))))
+    c, h = n // 2, size // 2
+    k = psf[c - h:c + h + 1, c - h:c + h + 1]
+    return k / k.sum()
+
+
+def _shallow_kolmogorov_pair(n=512, seed=7, fwhm=4.0, tmpl_ratio=1.02):
+    """A shallow visit (Kolmogorov PSF, stars at S/N 6-60) and a 10x deeper Gaussian template
+    whose adaptive FWHM is 2 % broader."""
+    rng = np.random.default_rng(seed)
+    tf = PsfModel.constant(_kolmogorov_kernel(fwhm, K), 64, 64).fwhm() * tmpl_ratio
+    sci, tmpl = np.zeros((n, n)), np.zeros((n, n))
+    for x, y, f in zip(rng.uniform(5, n - 5, 400), rng.uniform(5, n - 5, 400),
+                       np.exp(rng.uniform(np.log(1e3), np.log(1e4), 400))):
+        dx, dy = x - np.round(x), y - np.round(y)
+        _add(sci, _kolmogorov_kernel(fwhm, RENDER, dx, dy), x, y, f)
+        _add(tmpl, gaussian_kernel(tf, K, dx=dx, dy=dy), x, y, f * TMPL_SCALE)
+    exps = []
+    for img, var, psf in [(sci, SKY_VAR + sci, _kolmogorov_kernel(fwhm, K)),
+                          (tmpl, (SKY_VAR + tmpl) / 10, gaussian_kernel(tf, K))]:
+        noisy = img + rng.normal(size=img.shape) * np.sqrt(var)
+        exps.append(Exposure(noisy.astype(np.float32), var.astype(np.float32),
+                             np.zeros((n, n), np.int32), psf=PsfModel.constant(psf, n, n)))
+    return exps
+
+
+def test_nearly_equal_psfs_pick_the_direction_that_keeps_flux():
+    """Convolving a shallow visit 2 % sharper than the template biases its kernel sum low
+    (errors in variables: 0.75 on a visit of the independent simulator); ``auto`` fits both
+    directions and keeps the template's, whose kernel sum is the flux ratio."""
+    sci, tmpl = _shallow_kolmogorov_pair()
+    assert sub.choose_mode(sci.psf, tmpl.psf) == "convolve_science"     # by FWHM alone
+    assert sub.candidate_modes(sci.psf, tmpl.psf) == ("convolve_science", "convolve_template")
+    by_sci = sub.subtract_images(sci, tmpl, mode="convolve_science")
+    auto = sub.subtract_images(sci, tmpl)
+    assert auto.mode == "convolve_template"
+    # true sums: TMPL_SCALE convolving the science image, 1 / TMPL_SCALE the template
+    err_sci = abs(np.log(by_sci.kernel_sum / TMPL_SCALE))      # 0.032 (0.930)
+    err_auto = abs(np.log(auto.kernel_sum * TMPL_SCALE))       # 0.015 (1.057)
+    assert err_sci > 0.025 and err_auto < err_sci - 0.01, (by_sci.kernel_sum, auto.kernel_sum)
+    assert auto.noise_ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_pick_mode_rules():
+    s, t = "convolve_science", "convolve_template"
+    stars = {s: "sources", t: "sources"}
+    assert sub.pick_mode({s: 0.75, t: 1.006}, stars, s) == t
+    assert sub.pick_mode({s: 0.965, t: 1.04}, stars, s) == s      # within the margin: default
+    assert sub.pick_mode({s: 0.965, t: 1.04}, stars, t) == t
+    assert sub.pick_mode({s: 0.75, t: 1.0}, {s: "sources", t: "psf_models"}, s) == s
+    # clearly different PSFs: one direction only
+    wide = PsfModel.gaussian(6.0, K, 1000, 1000)
+    assert sub.candidate_modes(PsfModel.gaussian(4.0, K, 1000, 1000), wide) == (s,)
+    assert sub.candidate_modes(wide, PsfModel.gaussian(4.0, K, 1000, 1000)) == (t,)

@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import ndimage, optimize
 
 from . import masks
-from .detect import _stamp, _weights, paste
+from .detect import inverse_variance_weights, paste, stamp_slices
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def point_source_misfit(science, x: float, y: float, radius: int) -> tuple[float
 def _region(shape, x: float, y: float, radius: int):
     """Image slices of the ``2 radius + 1`` stamp around ``(x, y)``, clipped to ``shape``
     (None if ``(x, y)`` is off the image)."""
-    st = _stamp(shape, int(round(x)), int(round(y)), radius)
+    st = stamp_slices(shape, int(round(x)), int(round(y)), radius)
     return None if st is None else st[0]
 
 
@@ -73,7 +73,7 @@ def _misfit(science, sl, core, x: float, y: float) -> tuple[float, float, int]:
     """:func:`point_source_misfit` on the stamp ``sl`` with the PSF ``core`` at ``(x, y)``."""
     img = science.image[sl]
     bad = masks.any_set(science.mask[sl], *_SKIP_PLANES) | ~np.isfinite(img)
-    w = _weights(science.variance[sl], bad).ravel()
+    w = inverse_variance_weights(science.variance[sl], bad).ravel()
     nu = int(np.count_nonzero(w)) - 3
     if nu < 5:
         return np.nan, np.nan, 0
@@ -176,7 +176,7 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
 def _template_signal(img, var, sl, core, x, y) -> tuple[float, float]:
     """PSF-weighted template flux on the stamp ``sl`` and its squared S/N (NaN without template)."""
     bad = ~np.isfinite(img)
-    w = _weights(var, bad).ravel()
+    w = inverse_variance_weights(var, bad).ravel()
     m = _placed(core, x, y, sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
     spp = float(np.sum(w * m * m))
     if spp <= 0:

@@ -152,7 +152,7 @@ def evaluation_inputs(outdir: Path, truth_dir: Path):
     import pandas as pd
 
     from .errors import InputError
-    from .evaluate import expected_difference_flux, isolated
+    from .evaluate import expected_difference_flux, isolated, restrict_coverage
     from .io import read_exposure, read_json, read_table
 
     variables = read_table(truth_dir / "variables.parquet")
@@ -179,15 +179,17 @@ def evaluation_inputs(outdir: Path, truth_dir: Path):
                          "(no diff/*.status.json with status ok).")
     fluxes = read_table(truth_dir / "variable_fluxes.parquet")
     coadd_inputs = read_table(outdir / "coadd_inputs.parquet")
-    coverage = pd.concat(coverage)
+    # the coadd drops inputs pixel by pixel (defects, clipping): where its
+    # weight sum around a variable is uniform and only one subset of the
+    # inputs adds up to it, the template is the mean over that subset;
+    # elsewhere (or where another variable blends in) the expected flux is
+    # only approximate, and such rows are scored apart (evaluate.summarise)
+    box_sums, fwhm_arcsec = _template_box_sums(outdir, variables)
+    coverage, known = restrict_coverage(pd.concat(coverage), box_sums, coadd_inputs)
     expected = expected_difference_flux(fluxes, coadd_inputs, coverage, leave_one_out=loo)
     per_visit = pd.concat(diffs).drop(columns=["covered"])
     expected = per_visit.merge(expected, on=["visit", "id"]).merge(
         variables[["id", "ra", "dec"]], on="id")
-    # where the coadd holds other inputs than the truth model assumes, or
-    # another variable blends in, the expected flux is only approximate: such
-    # rows are scored apart (evaluate.summarise)
-    known, fwhm_arcsec = _templates_known(outdir, variables, coadd_inputs, coverage)
     alone = variables[["id"]].assign(
         alone=isolated(variables["ra"], variables["dec"], 2.0 * fwhm_arcsec))
     expected = expected.merge(known, on=["band", "id"], how="left").merge(alone, on="id")
@@ -197,30 +199,26 @@ def evaluation_inputs(outdir: Path, truth_dir: Path):
             read_table(truth_dir / "static_sources.parquet"), pd.DataFrame(visit_rows))
 
 
-def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
-    """``band, id, template_known`` (:func:`diffim.evaluate.template_known`) per coadd band.
+def _template_box_sums(outdir: Path, variables):
+    """``band, id, weight_sum`` (:func:`diffim.evaluate.box_weight_sum`) per coadd band.
 
     A source counts in the first patch of its band (sorted by name) that
     holds it ``radius`` (the model PSF's FWHM, at least 2 px) inside its
-    border.  Returns the table and the largest model-PSF FWHM (arcsec).
+    border; sources in no patch are left out.  Returns the table and the
+    largest model-PSF FWHM (arcsec).
     """
     import numpy as np
     import pandas as pd
     from astropy.io import fits
 
     from .calexp import pixel_scale_arcsec
-    from .evaluate import template_weights, template_known
+    from .evaluate import box_weight_sum
     from .io import header_wcs
 
-    weights = template_weights(coadd_inputs, None)      # band, visit, weight
-    cov = coverage[coverage["covered"].astype(bool)][["visit", "id"]].drop_duplicates()
     rows, fwhm_max = [], 0.0
-    for band in sorted(weights["band"].unique()):
-        w = weights[weights["band"] == band][["visit", "weight"]]
-        total = cov.merge(w, on="visit").groupby("id")["weight"].sum()
-        expect = total.reindex(variables["id"]).fillna(0.0).to_numpy()
+    for band_dir in sorted(p for p in (outdir / "coadd").glob("*") if p.is_dir()):
         done = np.zeros(len(variables), bool)
-        for path in sorted((outdir / "coadd" / str(band)).glob("*/coadd.fits")):
+        for path in sorted(band_dir.glob("*/coadd.fits")):
             with fits.open(path, memmap=True) as hdul:
                 if "WEIGHTSUM" not in hdul:
                     continue
@@ -234,14 +232,14 @@ def _templates_known(outdir: Path, variables, coadd_inputs, coverage):
             ny, nx = ws.shape
             inside = ((x >= radius) & (y >= radius) & (x < nx - radius - 1)
                       & (y < ny - radius - 1) & ~done)
-            ok = template_known(ws, np.where(inside, x, np.nan), np.where(inside, y, np.nan),
-                                expect, radius=radius)
-            rows.append(pd.DataFrame({"band": band, "id": variables["id"].to_numpy()[inside],
-                                      "template_known": ok[inside]}))
+            total = box_weight_sum(ws, x[inside], y[inside], radius=radius)
+            rows.append(pd.DataFrame({"band": band_dir.name,
+                                      "id": variables["id"].to_numpy()[inside],
+                                      "weight_sum": total}))
             done |= inside
     if not rows:
         return pd.DataFrame({"band": pd.Series(dtype=str), "id": pd.Series(dtype=np.int64),
-                             "template_known": pd.Series(dtype=bool)}), fwhm_max
+                             "weight_sum": pd.Series(dtype=float)}), fwhm_max
     return pd.concat(rows, ignore_index=True), fwhm_max
 
 
@@ -298,6 +296,8 @@ def _add_subtract_parser(sub) -> None:
     p.add_argument("--mode", default="auto",
                    choices=("auto", "convolve_template", "convolve_science"),
                    help="which image is convolved (auto: the sharper one)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads: the two images are characterized in parallel (default 2)")
     p.set_defaults(func=cmd_subtract)
 
 
@@ -310,6 +310,8 @@ def _gain(header, given) -> float:
 
 def cmd_subtract(args) -> int:
     """Run ``diffim subtract``; returns the exit status."""
+    if args.threads < 1:
+        raise DiffimError(f"--threads must be at least 1, got {args.threads}")
     from astropy.io import fits
 
     from .io import header_wcs, read_eimage, write_exposure, write_table
@@ -321,7 +323,8 @@ def cmd_subtract(args) -> int:
     ref_gain = _gain(ref_header, args.reference_gain if args.reference_gain is not None
                      else args.gain)
     res = subtract_pair(sci, ref, gain=gain, reference_gain=ref_gain,
-                        read_noise=args.read_noise, threshold=args.threshold, mode=args.mode)
+                        read_noise=args.read_noise, threshold=args.threshold, mode=args.mode,
+                        threads=args.threads)
     try:
         wcs = header_wcs(sci_header, args.science)
     except DiffimError:

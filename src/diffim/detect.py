@@ -38,7 +38,10 @@ Measurement
 -----------
 * Centroid: the peak of ``|S|`` refined by a 1-D parabola through the 3 pixels
   along each axis (the maximum of the cross-correlation is the maximum
-  likelihood position for a known PSF).
+  likelihood position for a known PSF).  The filter does not renormalise for
+  masked pixels, so a source with masked pixels within ``flag_radius_px`` is
+  re-centred by a PSF fit to its unmasked pixels (position free within
+  ``flag_radius_px``, flux linear).
 * ``psfFlux``: linear least-squares amplitude of the PSF model (evaluated at the
   centroid, shifted to it with a cubic spline) over the ``K x K`` stamp with
   weights ``1 / V``; ``psfFluxErr = sqrt(c_psf / sum(P^2 / V))`` (``c_psf`` = 1
@@ -571,7 +574,7 @@ def _shifted_psf(psf, x: float, y: float) -> tuple[np.ndarray, int, int]:
     return k, ix, iy
 
 
-def _stamp(shape, ix: int, iy: int, h: int):
+def stamp_slices(shape, ix: int, iy: int, h: int):
     """Slices of the image and of a ``2h+1`` stamp centred on ``(ix, iy)``, clipped."""
     ny, nx = shape
     y0, y1 = max(iy - h, 0), min(iy + h + 1, ny)
@@ -583,7 +586,8 @@ def _stamp(shape, ix: int, iy: int, h: int):
     return img, stp
 
 
-def _weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
+def inverse_variance_weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Pixel weights ``1 / var``; 0 on ``bad`` pixels and where ``var`` is not positive."""
     ok = ~bad & np.isfinite(var) & (var > 0)
     return np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
 
@@ -591,17 +595,75 @@ def _weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
 def _psf_fit(image, variance, bad, psf, x: float, y: float) -> tuple[float, float]:
     """Weighted least-squares PSF amplitude at ``(x, y)``: flux and error (image units)."""
     k, ix, iy = _shifted_psf(psf, x, y)
-    st = _stamp(image.shape, ix, iy, k.shape[0] // 2)
+    st = stamp_slices(image.shape, ix, iy, k.shape[0] // 2)
     if st is None:
         return np.nan, np.nan
     img_sl, stp_sl = st
     p = k[stp_sl]
-    w = _weights(variance[img_sl], bad[img_sl])
+    w = inverse_variance_weights(variance[img_sl], bad[img_sl])
     d = np.where(w > 0, image[img_sl], 0.0)
     spp = float((w * p * p).sum())
     if spp <= 0:
         return np.nan, np.nan
     return float((w * p * d).sum() / spp), float(1.0 / np.sqrt(spp))
+
+
+def _masked_near(bad: np.ndarray, x: float, y: float, radius: float) -> bool:
+    """Whether any masked pixel lies within ``radius`` (pixels) of ``(x, y)``."""
+    r = int(np.ceil(radius))
+    ix, iy = int(round(x)), int(round(y))
+    sub = bad[max(iy - r, 0):iy + r + 1, max(ix - r, 0):ix + r + 1]
+    if not sub.any():
+        return False
+    yy, xx = np.nonzero(sub)
+    return bool(((xx + max(ix - r, 0) - x) ** 2 + (yy + max(iy - r, 0) - y) ** 2
+                 <= radius**2).any())
+
+
+def _bounds_in_image(p0: np.ndarray, shift: float, shape) -> tuple | None:
+    """Bounds ``p0 +- shift`` on positions ``(x, y, x, y, ...)``, cut to the image.
+
+    None when ``p0`` itself lies outside the image (nothing to fit).
+    """
+    top = np.resize([shape[1] - 1.0, shape[0] - 1.0], p0.size)
+    lo, hi = np.maximum(p0 - shift, 0.0), np.minimum(p0 + shift, top)
+    if not np.all((lo <= p0) & (p0 <= hi) & (lo < hi)):
+        return None
+    return lo, hi
+
+
+def _fit_position(image, variance, bad, psf, x: float, y: float,
+                  max_shift: float) -> tuple[float, float]:
+    """Maximum-likelihood position of a single PSF near ``(x, y)`` (unmasked pixels).
+
+    The peak of the significance image is biased away from masked pixels that
+    cover part of a source (the masked side adds nothing to the filter), so
+    sources with masked pixels in their core are re-centred by a weighted
+    least-squares PSF fit with the flux solved linearly at each step
+    (``scipy.optimize.least_squares``, within ``max_shift`` pixels and inside
+    the image).  Returns the starting position when the fit fails.
+    """
+    h = psf.kernel_size // 2
+    x0, x1 = max(int(x) - h, 0), min(int(x) + h + 2, image.shape[1])
+    y0, y1 = max(int(y) - h, 0), min(int(y) + h + 2, image.shape[0])
+    sl = (slice(y0, y1), slice(x0, x1))
+    sw = np.sqrt(inverse_variance_weights(variance[sl], bad[sl]).ravel())
+    d = np.where(sw > 0, image[sl].ravel(), 0.0) * sw
+
+    def resid(p):
+        a = _place(psf, p[0], p[1], y0, y1, x0, x1) * sw
+        aa = float(a @ a)
+        return d - (float(a @ d) / aa) * a if aa > 0 else d
+
+    p0 = np.array([x, y], float)
+    bounds = _bounds_in_image(p0, max_shift, image.shape)
+    if bounds is None:
+        return x, y
+    try:
+        sol = optimize.least_squares(resid, p0, bounds=bounds, diff_step=1e-3, max_nfev=100)
+    except (ValueError, np.linalg.LinAlgError):
+        return x, y
+    return (float(sol.x[0]), float(sol.x[1])) if np.all(np.isfinite(sol.x)) else (x, y)
 
 
 def _place(psf, x: float, y: float, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -628,8 +690,8 @@ def _dipole_fit(image, variance, bad, psf, xy_pos, xy_neg):
     The lobe peaks of the matched-filter image lie farther apart than the true
     positions when the PSFs overlap, so the positions are refined by a
     non-linear least-squares fit (``scipy.optimize.least_squares``, positions
-    within 3 px of the starting lobe centroids) with the two fluxes solved
-    linearly at each step.  Returns ``(f_pos, err_pos, f_neg, err_neg, (xp, yp),
+    within 3 px of the starting lobe centroids and inside the image) with the
+    two fluxes solved linearly at each step.  Returns ``(f_pos, err_pos, f_neg, err_neg, (xp, yp),
     (xn, yn))``; fluxes NaN if the fit is singular.
     """
     h = psf.kernel_size // 2
@@ -638,7 +700,7 @@ def _dipole_fit(image, variance, bad, psf, xy_pos, xy_neg):
     x0, x1 = max(int(min(xs)) - h, 0), min(int(max(xs)) + h + 2, image.shape[1])
     y0, y1 = max(int(min(ys)) - h, 0), min(int(max(ys)) + h + 2, image.shape[0])
     sl = (slice(y0, y1), slice(x0, x1))
-    w = _weights(variance[sl], bad[sl]).ravel()
+    w = inverse_variance_weights(variance[sl], bad[sl]).ravel()
     d = np.where(w > 0, image[sl].ravel(), 0.0)
     sw = np.sqrt(w)
 
@@ -655,12 +717,14 @@ def _dipole_fit(image, variance, bad, psf, xy_pos, xy_neg):
         return sw * (d - f @ a)
 
     p0 = np.array([xy_pos[0], xy_pos[1], xy_neg[0], xy_neg[1]], dtype=float)
-    try:
-        sol = optimize.least_squares(resid, p0, bounds=(p0 - 3.0, p0 + 3.0), diff_step=1e-3,
-                                     max_nfev=200)
-        p = sol.x
-    except (ValueError, np.linalg.LinAlgError):
-        p = p0
+    bounds = _bounds_in_image(p0, 3.0, image.shape)
+    p = p0
+    if bounds is not None:  # (None: a lobe starts outside the image)
+        try:
+            p = optimize.least_squares(resid, p0, bounds=bounds, diff_step=1e-3,
+                                       max_nfev=200).x
+        except (ValueError, np.linalg.LinAlgError):
+            p = p0
     _, f, cov = linear(p)
     err = np.sqrt(np.clip(np.diag(cov), 0, None))
     if not np.all(np.isfinite(f)):
@@ -702,6 +766,8 @@ def _measure_side(diff: Exposure, sig: Significance, sign: int, threshold: float
     for iy, ix, _, lab in peaks:
         val = float(s[iy, ix])
         x, y = _refine_peak(s_stat, iy, ix)
+        if _masked_near(bad, x, y, flag_radius):
+            x, y = _fit_position(diff.image, diff.variance, bad, diff.psf, x, y, flag_radius)
         flux, err = _psf_fit(diff.image, diff.variance, bad, diff.psf, x, y)
         edge, sat, badf = _flags(diff.mask, labels, slices[lab - 1], lab, x, y, flag_radius,
                                  edge_width)

@@ -163,17 +163,9 @@ def expected_difference_flux(variable_fluxes: pd.DataFrame, coadd_inputs: pd.Dat
     return out.drop(columns=["sw", "swf", "ow", "owf"])
 
 
-def template_known(weight_sum: np.ndarray, x, y, expected_weight, *, radius: int,
+def box_weight_sum(weight_sum: np.ndarray, x, y, *, radius: int,
                    rtol: float = 1e-3) -> np.ndarray:
-    """Whether the coadd holds the inputs the truth model assumes around each source.
-
-    :func:`expected_difference_flux` takes a source's template flux as the
-    weighted mean over every included input that covers it.  The coadd drops
-    inputs pixel by pixel (masked defects, clipping, a warp's border), and
-    then the real template is a different mean, or a mixture of several
-    across the PSF.  A source's template is *known* when the coadd's
-    ``WEIGHTSUM`` over the box of half-width ``radius`` around it is uniform
-    and equal to ``expected_weight`` (both to ``rtol``).
+    """The coadd's input weight sum around each source, where it is uniform.
 
     Parameters
     ----------
@@ -181,30 +173,151 @@ def template_known(weight_sum: np.ndarray, x, y, expected_weight, *, radius: int
         Sum of the weights of the inputs used in each coadd pixel.
     x, y : array-like
         0-based pixel positions of the sources in the coadd.
-    expected_weight : array-like
-        Sum of the weights of the included inputs that cover each source.
     radius : int
         Half-width of the box (pixels), about the PSF's FWHM.
+    rtol : float
+        Largest spread of the weight sum over the box, relative to its maximum.
 
     Returns
     -------
-    ndarray of bool
-        False also for sources within ``radius`` of the coadd's border.
+    ndarray of float
+        The box's largest weight sum; NaN where it varies across the box (the
+        template is a mixture of input sets across the PSF) or where the box
+        leaves the coadd.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    expected_weight = np.asarray(expected_weight, float)
     ny, nx = weight_sum.shape
-    out = np.zeros(x.shape, bool)
-    for i, (xi, yi, wi) in enumerate(zip(x, y, expected_weight)):
-        if not (np.isfinite(xi) and np.isfinite(yi) and wi > 0):
+    out = np.full(x.shape, np.nan)
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        if not (np.isfinite(xi) and np.isfinite(yi)):
             continue
         ix, iy = int(round(xi)), int(round(yi))
         if ix < radius or iy < radius or ix >= nx - radius or iy >= ny - radius:
             continue
         box = weight_sum[iy - radius:iy + radius + 1, ix - radius:ix + radius + 1]
         lo, hi = float(np.nanmin(box)), float(np.nanmax(box))
-        out[i] = hi - lo <= rtol * wi and abs(hi - wi) <= rtol * wi
+        if hi > 0 and hi - lo <= rtol * hi:
+            out[i] = hi
     return out
+
+
+def template_known(weight_sum: np.ndarray, x, y, expected_weight, *, radius: int,
+                   rtol: float = 1e-3) -> np.ndarray:
+    """Whether the coadd holds the inputs the truth model assumes around each source.
+
+    :func:`expected_difference_flux` takes a source's template flux as the
+    weighted mean over the included inputs that cover it.  The coadd drops
+    inputs pixel by pixel (masked defects, clipping, a warp's border), and
+    then the real template is a different mean, or a mixture of several
+    across the PSF.  A source's template is *known* when the coadd's
+    ``WEIGHTSUM`` over the box of half-width ``radius`` around it is uniform
+    (:func:`box_weight_sum`) and equal to ``expected_weight`` (to ``rtol``).
+
+    Parameters
+    ----------
+    weight_sum, x, y, radius, rtol
+        As in :func:`box_weight_sum`.
+    expected_weight : array-like
+        Sum of the weights of the included inputs that cover each source.
+
+    Returns
+    -------
+    ndarray of bool
+        False also for sources within ``radius`` of the coadd's border.
+    """
+    box = box_weight_sum(weight_sum, x, y, radius=radius, rtol=rtol)
+    w = np.asarray(expected_weight, float)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(box) & (w > 0) & (np.abs(box - w) <= rtol * w)
+
+
+def inputs_from_weight_sum(total: float, weights, *, rtol: float = 1e-3,
+                           max_inputs: int = 16) -> np.ndarray | None:
+    """The one subset of the inputs whose weights add up to a coadd pixel's weight sum.
+
+    A coadd pixel's ``WEIGHTSUM`` is the sum of the weights of the inputs it
+    used.  When exactly one subset of the candidate inputs matches it (to
+    ``rtol`` of ``total``), that subset is the set of inputs the pixel used.
+
+    Parameters
+    ----------
+    total : float
+        The pixel's weight sum.
+    weights : array-like
+        Weights of the candidate inputs (the included inputs covering it).
+    rtol : float
+        Relative tolerance of the match.
+    max_inputs : int
+        More candidates than this are not searched (2**n subsets); None is
+        returned.
+
+    Returns
+    -------
+    ndarray of bool or None
+        Which candidates were used; None when no subset, or more than one,
+        matches.
+    """
+    w = np.asarray(weights, float)
+    if not (np.isfinite(total) and total > 0) or w.size == 0 or w.size > max_inputs:
+        return None
+    members = (np.arange(1 << w.size)[:, None] >> np.arange(w.size)) & 1
+    hit = np.flatnonzero(np.abs(members @ w - total) <= rtol * total)
+    return members[hit[0]].astype(bool) if hit.size == 1 else None
+
+
+def restrict_coverage(coverage: pd.DataFrame, box_sums: pd.DataFrame,
+                      coadd_inputs: pd.DataFrame, *, rtol: float = 1e-3):
+    """Coverage reduced to the inputs each source's template really holds.
+
+    Parameters
+    ----------
+    coverage : DataFrame
+        ``visit, id, covered``: which visits' images cover which variables.
+    box_sums : DataFrame
+        ``band, id, weight_sum``: the coadd's uniform weight sum around each
+        variable (:func:`box_weight_sum`; NaN where it is not uniform).
+    coadd_inputs : DataFrame
+        ``band, patch, visit, included, weight`` (CONTRACT.md).
+    rtol : float
+        Relative tolerance of the weight comparisons.
+
+    Returns
+    -------
+    coverage : DataFrame
+        The input with ``covered`` false for the visits that the coadd
+        dropped at a source, where the dropped set is known: the weight sum is
+        uniform around the source and exactly one subset of the covering
+        inputs adds up to it (:func:`inputs_from_weight_sum`).
+    known : DataFrame
+        ``band, id, template_known``: the template of the source is the
+        weighted mean over its (restricted) covering inputs.
+    """
+    _require(coverage, ["visit", "id", "covered"], "coverage")
+    _require(box_sums, ["band", "id", "weight_sum"], "box_sums")
+    weights = template_weights(coadd_inputs, None)          # band, visit, weight
+    cov = coverage[coverage["covered"].astype(bool)][["visit", "id"]].drop_duplicates()
+    cand = cov.merge(weights, on="visit")
+    dropped, known = [], []
+    groups = {k: g for k, g in cand.groupby(["band", "id"])}
+    for band, sid, total in box_sums[["band", "id", "weight_sum"]].itertuples(index=False):
+        g = groups.get((band, sid))
+        if g is None or not np.isfinite(total):
+            known.append(False)
+            continue
+        w = g["weight"].to_numpy(float)
+        if abs(w.sum() - total) <= rtol * w.sum():
+            known.append(True)
+            continue
+        used = inputs_from_weight_sum(total, w, rtol=rtol)
+        known.append(used is not None)
+        if used is not None:
+            dropped += [(v, sid) for v in g["visit"].to_numpy()[~used]]
+    out = coverage.copy()
+    if dropped:
+        gone = pd.MultiIndex.from_tuples(dropped, names=["visit", "id"])
+        hit = pd.MultiIndex.from_frame(out[["visit", "id"]]).isin(gone)
+        out["covered"] = out["covered"].astype(bool) & ~hit
+    return out, box_sums[["band", "id"]].assign(template_known=known)
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from scipy.spatial import cKDTree
 
 from . import masks
 from .errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
-from .psf import MAX_FWHM_FRACTION, PsfModel, check_kernel_size, moments_fwhm, poly_terms
+from .psf import (FWHM_PER_SIGMA, MAX_FWHM_FRACTION, PsfModel, check_kernel_size, moments_fwhm,
+                  poly_terms)
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def _mask_residual_clumps(st: _Stamps, data, bad, model, flux, var, k: int,
         The masked pixels in the recentred stamps (also set in ``st.bad``).
     """
     n = len(flux)
-    s = fwhm / 2.3548
+    s = fwhm / FWHM_PER_SIGMA
     res = np.where(bad, 0.0, data - flux[:, None] * model).reshape(n, k, k)
     v = np.where(bad, 0.0, var).reshape(n, k, k)
     num = ndimage.gaussian_filter(res, (0, s, s), mode="constant")
@@ -522,7 +523,7 @@ def _centre_on_model(st, model, k: int, fwhm: float) -> float:
     """
     c = k // 2
     yy, xx = np.mgrid[:k, :k] - c
-    w = np.exp(-0.5 * (xx**2 + yy**2) / (fwhm / 2.3548) ** 2).ravel()
+    w = np.exp(-0.5 * (xx**2 + yy**2) / (fwhm / FWHM_PER_SIGMA) ** 2).ravel()
     mw = model * w
     norm = mw.sum(axis=1)
     ok = norm > 0

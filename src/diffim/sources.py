@@ -48,9 +48,15 @@ def _prepare(image, variance, mask, ignore):
     if mask is not None and ignore:
         skip |= masks.any_set(np.asarray(mask), *ignore)
     data = np.array(image, dtype=np.float32, order="C")
-    var = np.array(variance, dtype=np.float32, order="C")
-    if skip.any():
-        data[skip] = 0.0
+    data[skip] = 0.0
+    # sep reads the variance only at unmasked pixels: a clean float32 plane is
+    # passed as it is (one 67 MB copy less per 4k image)
+    with np.errstate(invalid="ignore"):
+        var_ok = bool(((variance > 0) & (variance < np.inf)).all())
+    if var_ok:
+        var = np.ascontiguousarray(variance, dtype=np.float32)
+    else:
+        var = np.array(variance, dtype=np.float32, order="C")
         var[skip] = 1.0
     return data, var, skip.view(np.uint8)
 

@@ -865,6 +865,50 @@ def choose_mode(psf_sci: PsfModel, psf_tmpl: PsfModel) -> str:
     return "convolve_template"
 
 
+#: With ``mode="auto"`` and centre FWHMs within :data:`MODE_FWHM_TOLERANCE`,
+#: :func:`subtract_images` fits the kernel both ways and overrides
+#: :func:`choose_mode` only if the other direction's kernel sum is closer to a
+#: flux ratio by more than this (in ``|ln(sum)|``).
+MODE_KERNEL_SUM_MARGIN = 0.01
+
+
+def candidate_modes(psf_sci: PsfModel, psf_tmpl: PsfModel) -> tuple[str, ...]:
+    """The convolution directions ``mode="auto"`` fits: one, or both for nearly equal PSFs.
+
+    The first is :func:`choose_mode`'s.  Where the two centre FWHMs differ by
+    at most :data:`MODE_FWHM_TOLERANCE` the FWHM cannot tell which image is
+    the broader one: a visit PSF with Kolmogorov-like wings, 2 % sharper than
+    the Gaussian template PSF, was convolved to the Gaussian with a kernel
+    sum of 0.75-0.90 where the template direction gave 1.006 (rings at bright
+    stars in the difference).  Both directions are then fitted and compared
+    (:func:`pick_mode`).
+    """
+    first = choose_mode(psf_sci, psf_tmpl)
+    if abs(psf_tmpl.fwhm() / psf_sci.fwhm() - 1.0) > MODE_FWHM_TOLERANCE:
+        return (first,)
+    other = "convolve_science" if first == "convolve_template" else "convolve_template"
+    return (first, other)
+
+
+def pick_mode(kernel_sums: dict[str, float], sources: dict[str, str], default: str) -> str:
+    """The direction whose fitted kernel best preserves flux.
+
+    Both directions see the same photometric ratio ``s`` of the two images
+    (kernel sum ``s`` one way, ``1 / s`` the other), so a PSF shape that a
+    kernel cannot make in one direction shows up as its kernel sum pulled
+    away from that ratio.  ``default`` (:func:`choose_mode`'s choice) is kept
+    unless the other direction's ``|ln(sum)|`` is smaller by more than
+    :data:`MODE_KERNEL_SUM_MARGIN`; a kernel fitted on stars always wins over
+    one computed from the PSF models.
+    """
+    on_stars = [m for m in kernel_sums if sources[m] == "sources"]
+    if len(on_stars) == 1:
+        return on_stars[0]
+    other = next(m for m in kernel_sums if m != default)
+    dev = {m: abs(np.log(v)) if v > 0 else np.inf for m, v in kernel_sums.items()}
+    return other if dev[other] < dev[default] - MODE_KERNEL_SUM_MARGIN else default
+
+
 def default_kernel_size(psf_sci: PsfModel, psf_tmpl: PsfModel) -> int:
     """Matching-kernel size: the PSF size ``K``, enlarged to ``2 ceil(4 FWHM) + 1``.
 
@@ -948,6 +992,28 @@ def _fit_kernel(a: Exposure, b: Exposure, bad, basis, *, spatial_order, backgrou
     return fit, "psf_models"
 
 
+def _fit_direction(mode: str, sci: Exposure, tmpl: Exposure, bad: np.ndarray, ksize: int,
+                   basis_degrees, wing_degree, **fit_kw) -> tuple[KernelFit, str]:
+    """Kernel fit for one convolution direction: ``(fit, kernel_source)``.
+
+    ``sci`` and ``tmpl`` are the prepared images (unusable pixels zeroed),
+    ``bad`` their union of unusable pixels.  The Alard-Lupton widths follow
+    the two PSFs of this direction (:func:`basis_sigmas`), plus the wing
+    Gaussian of sigma = the broader FWHM when ``wing_degree`` is given.
+    """
+    a, b = (tmpl, sci) if mode == "convolve_template" else (sci, tmpl)
+    sa, sb = a.psf.fwhm() / FWHM_PER_SIGMA, b.psf.fwhm() / FWHM_PER_SIGMA
+    sigmas, degrees = basis_sigmas(sa, sb, len(basis_degrees)), tuple(basis_degrees)
+    if wing_degree is not None:
+        sigmas, degrees = sigmas + (max(sci.psf.fwhm(), tmpl.psf.fwhm()),), \
+            degrees + (int(wing_degree),)
+    basis = alard_lupton_basis(ksize, sigmas, degrees)
+    var_factor = min(1.0, 1.0 / (4 * np.pi * max(sb**2 - sa**2, 0.25)))
+    return _fit_kernel(a, b, bad, basis, variance_factor=var_factor, psf_a=a.psf, psf_b=b.psf,
+                       debias_noise=mode == "convolve_science",
+                       template_is_a=mode == "convolve_template", **fit_kw)
+
+
 def footprint_radius(kernel: np.ndarray, frac: float = 0.99) -> int:
     """Half-width of the smallest centred square holding ``frac`` of ``sum |kernel|``.
 
@@ -1001,7 +1067,10 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         uncovered, with its PSF model.
     mode : {"auto", "convolve_template", "convolve_science"}
         Which image is convolved; ``"auto"`` convolves the one with the narrower
-        PSF (:func:`choose_mode`), so that no image is ever deconvolved.
+        PSF (:func:`choose_mode`), so that no image is ever deconvolved; for
+        nearly equal PSFs it fits both directions and keeps the one whose
+        kernel sum shows no shape mismatch (:func:`candidate_modes`,
+        :func:`pick_mode`).
     kernel_spatial_order : int
         Polynomial order of the kernel's spatial variation.
     background_order : int
@@ -1053,37 +1122,35 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     _validate(science, template, mode)
     t0 = time.perf_counter()
     timings = {}
-    if mode == "auto":
-        mode = choose_mode(science.psf, template.psf)
+    modes = candidate_modes(science.psf, template.psf) if mode == "auto" else (mode,)
     fs, ft = science.psf.fwhm(), template.psf.fwhm()
     ksize = default_kernel_size(science.psf, template.psf) if kernel_size is None \
         else int(kernel_size)
     if ksize < 5 or ksize % 2 == 0:
         raise ValueError(f"kernel_size must be an odd integer >= 5, got {kernel_size}")
     hk = ksize // 2
-    if mode == "convolve_template":
-        a_exp, b_exp, psf_a, psf_b = template, science, template.psf, science.psf
+    bad_s = _unusable(science, _GROWN_PLANES)
+    bad_t = _unusable(template, _GROWN_PLANES)
+    sci = _prepare(science, bad_s, science.psf, overwrite_inputs)
+    tmpl = _prepare(template, bad_t, template.psf, overwrite_inputs)
+    bad = bad_s | bad_t  # from here on: unusable in either image
+    by_mode = {m: _fit_direction(m, sci, tmpl, bad, ksize, basis_degrees, wing_degree,
+                                 spatial_order=kernel_spatial_order,
+                                 background_order=background_order, n_sigma_clip=n_sigma_clip,
+                                 candidate_kw=dict(min_snr=candidate_min_snr,
+                                                   cell_size=candidate_cell_size,
+                                                   max_candidates=max_candidates),
+                                 fallback=fallback)
+               for m in modes}
+    if len(by_mode) > 1:
+        sums = {m: f.kernel.sum_stats()[0] for m, (f, _) in by_mode.items()}
+        mode = pick_mode(sums, {m: src for m, (_, src) in by_mode.items()}, modes[0])
+        logger.info("nearly equal PSFs (FWHM %.2f / %.2f px): kernel sums %s; %s chosen",
+                    fs, ft, ", ".join(f"{m} {v:.4f}" for m, v in sums.items()), mode)
     else:
-        a_exp, b_exp, psf_a, psf_b = science, template, science.psf, template.psf
-    bad_a, bad_b = _unusable(a_exp, _GROWN_PLANES), _unusable(b_exp, _GROWN_PLANES)
-    a = _prepare(a_exp, bad_a, psf_a, overwrite_inputs)
-    b = _prepare(b_exp, bad_b, psf_b, overwrite_inputs)
-    bad_a |= bad_b  # from here on: unusable in either image
-    sa, sb = psf_a.fwhm() / FWHM_PER_SIGMA, psf_b.fwhm() / FWHM_PER_SIGMA
-    sigmas, degrees = basis_sigmas(sa, sb, len(basis_degrees)), tuple(basis_degrees)
-    if wing_degree is not None:
-        sigmas, degrees = sigmas + (max(fs, ft),), degrees + (int(wing_degree),)
-    basis = alard_lupton_basis(ksize, sigmas, degrees)
-    var_factor = min(1.0, 1.0 / (4 * np.pi * max(sb**2 - sa**2, 0.25)))
-    fit, source = _fit_kernel(a, b, bad_a, basis, spatial_order=kernel_spatial_order,
-                              background_order=background_order, n_sigma_clip=n_sigma_clip,
-                              variance_factor=var_factor,
-                              candidate_kw=dict(min_snr=candidate_min_snr,
-                                                cell_size=candidate_cell_size,
-                                                max_candidates=max_candidates),
-                              fallback=fallback, psf_a=psf_a, psf_b=psf_b,
-                              debias_noise=mode == "convolve_science",
-                              template_is_a=mode == "convolve_template")
+        mode = modes[0]
+    fit, source = by_mode[mode]
+    a, b = (tmpl, sci) if mode == "convolve_template" else (sci, tmpl)
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     diff, var, mask, phi, background = _apply(a, b, fit, mode, hk, science, template,
