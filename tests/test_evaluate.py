@@ -211,19 +211,17 @@ def test_robust_std_error_matches_its_sampling_scatter():
     assert predicted == pytest.approx(1.1664 * 2.0 / 10.0, rel=0.05)
 
 
-def test_template_known_flags_partial_and_missing_inputs():
-    """Three sources on a coadd whose inputs weigh 0.5, 0.3 and 0.2."""
-    from diffim.evaluate import template_known
+def test_box_weight_sum_flags_mixtures_and_borders():
+    """Sources on a coadd whose inputs weigh 0.5, 0.3 and 0.2."""
+    from diffim.evaluate import box_weight_sum
     ws = np.ones((60, 60))
     ws[:, 38:] = 0.8           # input 2 dropped right of x = 38 (a defect's band)
     ws[5:15, 5:15] = 0.7       # input 3 dropped over a whole source's box
-    x, y, expected = [20, 40, 10, 20, 2], [30, 30, 10, 30, 30], [1.0, 1.0, 1.0, 0.9, 1.0]
-    got = template_known(ws, x, y, expected, radius=4)
-    # clean; a mixture across the PSF (36-44 spans 38); uniform but short of the
-    # expected weight; expected weight wrong (truth says one input less); too near the border
-    assert got.tolist() == [True, False, False, False, False]
-    # a source wholly inside the dropped band is known when the truth expects that
-    assert template_known(ws, [50], [30], [0.8], radius=4).tolist() == [True]
+    got = box_weight_sum(ws, [20, 40, 10, 2, 50], [30, 30, 10, 30, 30], radius=4)
+    # complete; a mixture across the PSF (36-44 spans 38); uniform but short
+    # (the subset is found by inputs_from_weight_sum); too near the border;
+    # wholly inside the dropped band
+    np.testing.assert_allclose(got, [1.0, np.nan, 0.7, np.nan, 0.8])
 
 
 def test_inputs_from_weight_sum_finds_the_one_subset():

@@ -201,36 +201,6 @@ def box_weight_sum(weight_sum: np.ndarray, x, y, *, radius: int,
     return out
 
 
-def template_known(weight_sum: np.ndarray, x, y, expected_weight, *, radius: int,
-                   rtol: float = 1e-3) -> np.ndarray:
-    """Whether the coadd holds the inputs the truth model assumes around each source.
-
-    :func:`expected_difference_flux` takes a source's template flux as the
-    weighted mean over the included inputs that cover it.  The coadd drops
-    inputs pixel by pixel (masked defects, clipping, a warp's border), and
-    then the real template is a different mean, or a mixture of several
-    across the PSF.  A source's template is *known* when the coadd's
-    ``WEIGHTSUM`` over the box of half-width ``radius`` around it is uniform
-    (:func:`box_weight_sum`) and equal to ``expected_weight`` (to ``rtol``).
-
-    Parameters
-    ----------
-    weight_sum, x, y, radius, rtol
-        As in :func:`box_weight_sum`.
-    expected_weight : array-like
-        Sum of the weights of the included inputs that cover each source.
-
-    Returns
-    -------
-    ndarray of bool
-        False also for sources within ``radius`` of the coadd's border.
-    """
-    box = box_weight_sum(weight_sum, x, y, radius=radius, rtol=rtol)
-    w = np.asarray(expected_weight, float)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(box) & (w > 0) & (np.abs(box - w) <= rtol * w)
-
-
 def inputs_from_weight_sum(total: float, weights, *, rtol: float = 1e-3,
                            max_inputs: int = 16) -> np.ndarray | None:
     """The one subset of the inputs whose weights add up to a coadd pixel's weight sum.
@@ -681,7 +651,7 @@ def summarise(truth: pd.DataFrame, dia: pd.DataFrame, visits: pd.DataFrame, *,
     """Scores of one subset (outputs of :func:`evaluate_detections`).
 
     With a ``clean`` column in ``truth`` (rows whose expected flux the truth
-    model gets right: :func:`template_known` and :func:`isolated`),
+    model gets right: :func:`restrict_coverage` and :func:`isolated`),
     ``flux_clean`` repeats the flux scores on those rows alone.
     """
     out = {"n_visits": int(len(visits)),
