@@ -687,20 +687,24 @@ def _fit_clipped(x, y, ra, dec, centre, crval, order, clip, min_matches, *,
     Returns the model, the mask of kept matches and the robust per-axis
     residual sigma in pixels.
     """
-    fits = []
-    for q in range(order, 1 if order > 1 else 0, -1):
-        model, keep, sigma = _clip_at_order(x, y, ra, dec, centre, crval, q, clip, min_matches,
-                                            distortion, n_iter)
+    lowest = 2 if order > 1 else 1
+    candidates = []   # (loo scatter, model, keep, sigma), highest order first
+    for q in range(order, lowest - 1, -1):
+        try:
+            model, keep, sigma = _clip_at_order(x, y, ra, dec, centre, crval, q, clip,
+                                                min_matches, distortion, n_iter)
+        except AstrometryError:   # clipped to too few at this order: try a lower one
+            if q == lowest:
+                raise
+            continue
         if q > 1 and keep.sum() < _KEPT_PER_TERM * (q + 1) * (q + 2) // 2:
             continue
-        fits.append((_loo_scatter_px(model, keep, x, y, ra, dec), model, keep, sigma))
-    if not fits:  # no order keeps enough: the lowest one tried
+        candidates.append((_loo_scatter_px(model, keep, x, y, ra, dec), model, keep, sigma))
+    if not candidates:  # no order keeps enough: the lowest one tried
         return model, keep, sigma
-    best = min(f[0] for f in fits)
-    for score, model, keep, sigma in reversed(fits):   # lowest order first
-        if score <= (1.0 + _ORDER_GAIN) * best:
-            return model, keep, sigma
-    return fits[0][1:]  # (not reached)
+    best = min(c[0] for c in candidates)
+    chosen = next(c for c in reversed(candidates) if c[0] <= (1.0 + _ORDER_GAIN) * best)
+    return chosen[1:]
 
 
 def _clip_at_order(x, y, ra, dec, centre, crval, order, clip, min_matches, distortion,
