@@ -355,27 +355,31 @@ def truncated_second_moment(k: float) -> float:
     return 1.0 - 2.0 * k * phi / math.erf(k / math.sqrt(2.0))
 
 
-def random_effect(values: np.ndarray, noise_var: np.ndarray, *, factor: float = OUTLIER_FACTOR,
-                  n_iter: int = 20) -> tuple[float, np.ndarray]:
-    """Variance ``tau^2`` of a random effect seen through noise, with outlier rejection.
+def _mixture_start(values: np.ndarray, noise_var: np.ndarray) -> float:
+    """Starting ``tau^2`` for :func:`random_effect` that tolerates many outliers.
 
-    ``values_i = e_i + n_i`` with ``e_i ~ N(0, tau^2)`` and known noise variance
-    ``noise_var_i``.  Values beyond ``factor * sqrt(tau^2 + noise_var)`` are
-    outliers and left out; ``tau^2`` is the weighted mean (weights ``1 /
-    (tau^2 + noise_var)^2``) of ``values^2 / c - noise_var`` over the others,
-    with ``c`` (:func:`truncated_second_moment`) correcting for the Gaussian
-    tail the cut removes (0.973 at 3 sigma), iterated to convergence from a
-    median-based start.  A cut at 3 sigma rather than 5 matters where many
-    sources are variable: on a simulated field with 15 % of the bright stars
-    variable, the scale error came out 0.034 with a 5-sigma cut, 0.016 with
-    3 sigma, against 0.015 on the non-variable stars alone.  Returns
-    ``(tau^2, kept)``.
+    Maximum likelihood, on a grid, of the mixture ``(1 - f) N(0, tau^2 +
+    noise_var) + f U(-A, A)`` with ``A = max |values|``: the outliers are
+    modelled instead of assumed to be a minority.  ``tau`` runs over 0 and 48
+    log steps from 1e-3 to 30 times the median noise, ``f`` over 0-0.9.
     """
-    values, noise_var = np.asarray(values, float), np.asarray(noise_var, float)
+    sd = float(np.sqrt(np.median(noise_var)))
+    span = float(np.max(np.abs(values)))
+    if not (sd > 0 and span > 0):
+        return 0.0
+    tau2 = np.concatenate([[0.0], (sd * np.geomspace(1e-3, 30.0, 48)) ** 2])[:, None]
+    tot = tau2 + noise_var[None, :]
+    gauss = np.exp(-0.5 * values[None, :] ** 2 / tot) / np.sqrt(2 * np.pi * tot)
+    frac = np.linspace(0.0, 0.9, 19)[:, None, None]
+    with np.errstate(divide="ignore"):  # f = 0 with a value far out: log(0) = -inf
+        loglike = np.log((1 - frac) * gauss[None] + frac / (2 * span)).sum(axis=2)
+    return float(tau2[np.unravel_index(np.argmax(loglike), loglike.shape)[1], 0])
+
+
+def _clip_from(values, noise_var, tau2: float, factor: float, n_iter: int):
+    """Fixed point of the clipped random-effect estimate nearest ``tau2`` (see :func:`random_effect`)."""
     c = truncated_second_moment(factor)
-    # the median of a chi^2 with 1 degree of freedom is 0.455 of its mean
-    tau2 = max(float(np.median(values**2) / 0.4549 - np.median(noise_var)), 0.0)
-    keep = np.ones(values.size, bool)
+    keep = np.zeros(values.size, bool)
     for _ in range(n_iter):
         tot = tau2 + noise_var
         new_keep = values**2 <= factor**2 * tot
@@ -388,6 +392,47 @@ def random_effect(values: np.ndarray, noise_var: np.ndarray, *, factor: float = 
         keep, tau2 = new_keep, new_tau2
         if done:
             break
+    return tau2, keep
+
+
+def random_effect(values: np.ndarray, noise_var: np.ndarray, *, factor: float = OUTLIER_FACTOR,
+                  n_iter: int = 20, many_outliers: bool = False) -> tuple[float, np.ndarray]:
+    """Variance ``tau^2`` of a random effect seen through noise, with outlier rejection.
+
+    ``values_i = e_i + n_i`` with ``e_i ~ N(0, tau^2)`` and known noise variance
+    ``noise_var_i``.  Values beyond ``factor * sqrt(tau^2 + noise_var)`` are
+    outliers and left out; ``tau^2`` is the weighted mean (weights ``1 /
+    (tau^2 + noise_var)^2``) of ``values^2 / c - noise_var`` over the others,
+    with ``c`` (:func:`truncated_second_moment`) correcting for the Gaussian
+    tail the cut removes (0.973 at 3 sigma), iterated to convergence from a
+    median-based start.  A cut at 3 sigma rather than 5 matters where many
+    sources are variable: on a simulated field with 15 % of the bright stars
+    variable, the scale error came out 0.034 with a 5-sigma cut, 0.016 with
+    3 sigma, against 0.015 on the non-variable stars alone.
+
+    With many outliers the clipping has more than one fixed point, and the
+    median start (which assumes most values are inliers) can land on one
+    that keeps the moderate outliers.  ``many_outliers=True`` also iterates
+    from the maximum-likelihood ``tau^2`` of a Gaussian-plus-uniform mixture
+    (:func:`_mixture_start`) and takes that fixed point when it is lower and
+    keeps at least half of the values and at least :data:`MIN_SOURCES`: on a
+    simulated field where 18 of 42 bright stars were variable (amplitudes
+    5-100 %), the median start gave a scale error of 0.051 with three
+    variable stars kept, the mixture start 0.008.  The half guards the small
+    samples (4-6 stars), where a mixture "explains" the spread by calling
+    two or three stars outliers.  Returns ``(tau^2, kept)``.
+    """
+    values, noise_var = np.asarray(values, float), np.asarray(noise_var, float)
+    if values.size == 0:
+        return 0.0, np.zeros(0, bool)
+    # the median of a chi^2 with 1 degree of freedom is 0.455 of its mean
+    start = max(float(np.median(values**2) / 0.4549 - np.median(noise_var)), 0.0)
+    tau2, keep = _clip_from(values, noise_var, start, factor, n_iter)
+    if many_outliers:
+        low_tau2, low_keep = _clip_from(values, noise_var, _mixture_start(values, noise_var),
+                                        factor, n_iter)
+        if low_tau2 < tau2 and low_keep.sum() >= max(MIN_SOURCES, 0.5 * values.size):
+            return low_tau2, low_keep
     return tau2, keep
 
 
@@ -443,7 +488,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
         return Systematics()
     theta = np.array([t for t, _ in fits])
     var = np.array([v for _, v in fits])
-    eps2, keep = random_effect(theta[:, 0], var[:, 0])
+    eps2, keep = random_effect(theta[:, 0], var[:, 0], many_outliers=True)
     # the shift is isotropic: both axes are draws of one random effect
     delta2, _ = random_effect(theta[keep, 1:3].ravel(), var[keep, 1:3].ravel())
     zeta2, _ = random_effect(theta[keep, 3], var[keep, 3])
