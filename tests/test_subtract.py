@@ -457,3 +457,59 @@ def test_pick_mode_rules():
     wide = PsfModel.gaussian(6.0, K, 1000, 1000)
     assert sub.candidate_modes(PsfModel.gaussian(4.0, K, 1000, 1000), wide) == (s,)
     assert sub.candidate_modes(wide, PsfModel.gaussian(4.0, K, 1000, 1000)) == (t,)
+
+
+def _star_field(n, xy, flux, fwhm, rng=None, noise_var=0.0):
+    img = np.zeros((n, n))
+    for (x, y), f in zip(xy, flux):
+        _add(img, gaussian_kernel(fwhm, K), x, y, f)
+    if rng is not None:
+        img = img + rng.normal(size=img.shape) * np.sqrt(noise_var)
+    return img
+
+
+def test_scale_residual_uses_bright_stars_and_drops_variables():
+    """``D = a B`` at 30 bright stars (a = -0.02), 8 of them variable (a = +-0.2 to 0.5);
+    40 faint stars (PSF-weighted S/N < 100) carry a biased -0.1 and must be ignored."""
+    rng = np.random.default_rng(4)
+    n = 512
+    xy = np.stack([rng.uniform(30, n - 30, 78), rng.uniform(30, n - 30, 78)], axis=1).astype(int)
+    flux = np.concatenate([np.exp(rng.uniform(np.log(2e5), np.log(2e6), 38)),
+                           np.full(40, 1.5e4)])
+    a_star = np.concatenate([rng.choice([-1, 1], 8) * rng.uniform(0.2, 0.5, 8),
+                             np.full(30, -0.02), np.full(40, -0.1)])
+    ref = _star_field(n, xy, flux, 4.0, rng, SKY_VAR / 10)
+    diff = _star_field(n, xy, flux * a_star, 4.0, rng, SKY_VAR)
+    var = np.full((n, n), SKY_VAR)
+    psf = PsfModel.gaussian(4.0, K, n, n)
+    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), bool), psf, xy)
+    assert 20 <= used <= 32      # variables and faint stars left out (a faint star next to
+    #                              a bright one may count as bright)
+    assert a == pytest.approx(-0.02, abs=max(3 * a_err, 5e-4)), (a, a_err)
+    assert a_err < 1e-3
+
+
+def test_scale_residual_of_a_misscaled_kernel_is_removed():
+    """A kernel whose sum is 3 % low (as errors in variables leave it) leaves -3 % of every
+    star in a science-convolved difference; the correction restores the sum and nulls them."""
+    rng = np.random.default_rng(6)
+    n = 400
+    xy = np.stack([rng.uniform(40, n - 40, 40), rng.uniform(40, n - 40, 40)], axis=1)
+    xy = np.round(xy)
+    flux = np.exp(rng.uniform(np.log(1e5), np.log(1e6), 40))
+    sci = _star_field(n, xy, flux, 3.0)
+    tmpl = _star_field(n, xy, flux, 4.0)
+    true_kernel = gaussian_kernel(np.sqrt(4.0**2 - 3.0**2), 15)
+    kern = sub.MatchingKernel(images=0.97 * true_kernel[None], order=0, width=n, height=n)
+    diff = ((fft_convolve(sci, kern.at()) - tmpl) / 0.97).astype(np.float32)
+    var = np.full((n, n), 100.0, np.float32)
+    mask = np.zeros((n, n), np.int32)
+    b = Exposure(tmpl, np.full((n, n), 10.0), mask, psf=PsfModel.gaussian(4.0, K, n, n))
+    fit = sub.KernelFit(kernel=kern, background=np.zeros(0), background_order=-1,
+                        n_candidates=40, n_used=40, chi2=np.ones(40), used_xy=xy.astype(int))
+    peak_before = np.abs(diff).max()
+    fixed, a = sub._remove_scale_residual(diff, var, mask, b, fit, "convolve_science")
+    assert a == pytest.approx(-0.03 / 0.97, rel=0.01)
+    assert fixed.kernel.sum_stats()[0] == pytest.approx(1.0, abs=1e-3)
+    assert np.abs(diff).max() < 0.01 * peak_before      # static stars nulled (in place)
+    assert var.min() == pytest.approx(100.0 + 10.0 * ((1 - 0.03) ** 2 - 1) / 0.97**2, rel=1e-4)
