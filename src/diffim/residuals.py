@@ -61,7 +61,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -108,6 +108,11 @@ class Systematics:
         That Gaussian's sigma (pixels).
     n_sources : int
         Scene sources the values were measured on (0: not measured).
+    sources : ndarray (n, 5) or None
+        Per measured source (:func:`_flux_changes`): integer ``x, y`` of the
+        scene peak, the filtered scene there, its flux change ``a`` (a
+        fraction of its scene flux) and the significance ``z`` of that
+        change.  Not recorded in headers (None when not measured).
     """
 
     scale_error: float = 0.0
@@ -116,6 +121,7 @@ class Systematics:
     wing_sigma: float = 0.0
     n_sources: int = 0
     width_error: float = 0.0
+    sources: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -436,6 +442,24 @@ def random_effect(values: np.ndarray, noise_var: np.ndarray, *, factor: float = 
     return tau2, keep
 
 
+def _flux_changes(xy: np.ndarray, peak: np.ndarray, a: np.ndarray,
+                  a_var: np.ndarray) -> np.ndarray:
+    """``(n, 5)`` rows ``x, y, S_f, a, z``: each scene source's flux change and its significance.
+
+    ``S_f`` is the filtered scene at the source's peak (its flux times
+    ``sum(P h)``), so ``a S_f / sum(P h)`` is the change in flux units.
+
+    ``a`` is the scale amplitude fitted together with the gradient *and* the
+    width term, so that shift and width residuals, which change no flux,
+    stay out of it; ``z = a / sqrt(var_a + tau^2)`` with ``tau`` the sources'
+    own scatter of that amplitude (:func:`random_effect`, ``many_outliers``).
+    A variable star is a source with a large ``|z|``
+    (:func:`diffim.detect.variable_scene_sources`).
+    """
+    tau2, _ = random_effect(a, a_var, many_outliers=True)
+    return np.column_stack([xy, peak, a, a / np.sqrt(a_var + tau2)])
+
+
 def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray,
                         scene: np.ndarray, h: np.ndarray, c_filter: float, rho: np.ndarray,
                         sources_xy: np.ndarray, *, radius: int,
@@ -467,7 +491,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     Systematics
     """
     rho_f = filtered_noise_correlation(h, rho, 2 * radius)
-    fits, xy_used = [], []
+    fits, xy_used, peaks = [], [], []
     sources_xy = np.asarray(sources_xy, int).reshape(-1, 2)
     for (x, y), terms in zip(sources_xy, _disc_terms(diff_img, diff_var, bad, scene, h,
                                                      c_filter, sources_xy, radius)):
@@ -481,9 +505,11 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
             fit3 = _amplitudes(f, vf, design[:, :3], cov_f)
             fit4 = _amplitudes(f, vf, design, cov_f)
             if fit3 is not None and fit4 is not None:
-                fits.append((np.append(fit3[0], fit4[0][3]),
-                             np.append(np.diag(fit3[1]), fit4[1][3, 3])))
+                # columns: a, b_x, b_y (3-column fit), c, and a of the 4-column fit
+                fits.append((np.append(fit3[0], [fit4[0][3], fit4[0][0]]),
+                             np.append(np.diag(fit3[1]), [fit4[1][3, 3], fit4[1][0, 0]])))
                 xy_used.append((x, y))
+                peaks.append(float(design[:, 0].max()))
     if len(fits) < MIN_SOURCES:
         return Systematics()
     theta = np.array([t for t, _ in fits])
@@ -500,7 +526,9 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
               else 0.0)
     out = Systematics(scale_error=float(np.sqrt(eps2)), shift_error=float(np.sqrt(delta2)),
                       wing_error=float(np.sqrt(omega2)), wing_sigma=float(wing_sigma),
-                      n_sources=int(keep.sum()), width_error=float(np.sqrt(zeta2)))
+                      n_sources=int(keep.sum()), width_error=float(np.sqrt(zeta2)),
+                      sources=_flux_changes(np.asarray(xy_used, float), np.array(peaks),
+                                            theta[:, 4], var[:, 4]))
     logger.info("systematic residuals at %d scene sources (%d outliers left out): "
                 "scale %.4f, shift %.4f px, width %.4f px^2, wings %.4f", out.n_sources,
                 int((~keep).sum()), out.scale_error, out.shift_error, out.width_error,
