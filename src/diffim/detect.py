@@ -800,7 +800,9 @@ def _variable_star_rows(diff: Exposure, sig: Significance, bad: np.ndarray,
         ix, iy = int(x0), int(y0)
         if not (0 <= ix < nx and 0 <= iy < ny) or bad[iy, ix]:
             continue
-        x, y = _refine_peak(np.sign(z) * sig.statistical, iy, ix)
+        ya, xa = max(iy - 1, 0), max(ix - 1, 0)
+        x, y = _refine_peak(np.sign(z) * sig.statistical[ya:iy + 2, xa:ix + 2], iy - ya, ix - xa)
+        x, y = x + xa, y + ya
         flux = float(a * s_f / per_filtered)
         err = abs(flux / z)
         edge, sat, badf = _flags(diff.mask, None, None, 0, x, y, flag_radius, edge_width)
