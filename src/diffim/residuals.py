@@ -383,7 +383,10 @@ def _mixture_start(values: np.ndarray, noise_var: np.ndarray) -> float:
 
 
 def _clip_from(values, noise_var, tau2: float, factor: float, n_iter: int):
-    """Fixed point of the clipped random-effect estimate nearest ``tau2`` (see :func:`random_effect`)."""
+    """Fixed point of the clipped random-effect estimate nearest ``tau2``.
+
+    See :func:`random_effect`; returns ``(tau^2, kept)``.
+    """
     c = truncated_second_moment(factor)
     keep = np.zeros(values.size, bool)
     for _ in range(n_iter):
