@@ -482,7 +482,7 @@ def test_scale_residual_uses_bright_stars_and_drops_variables():
     diff = _star_field(n, xy, flux * a_star, 4.0, rng, SKY_VAR)
     var = np.full((n, n), SKY_VAR)
     psf = PsfModel.gaussian(4.0, K, n, n)
-    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), bool), psf, xy)
+    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), np.int32), psf, xy)
     assert 20 <= used <= 32      # variables and faint stars left out (a faint star next to
     #                              a bright one may count as bright)
     assert a == pytest.approx(-0.02, abs=max(3 * a_err, 5e-4)), (a, a_err)

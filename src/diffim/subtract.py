@@ -82,6 +82,7 @@ _ZERO_PLANES = ("BAD", "SAT", "CR")
 #: A flux-scale residual of the kernel at its stars is removed when it exceeds
 #: its error this many times (:func:`_remove_scale_residual`).
 SCALE_RESIDUAL_SIGMA = 3.0
+_UNUSABLE_BITS = masks.bits(*_ZERO_PLANES, *_NAN_PLANES)
 #: Fraction of the noise term kept in the de-biased kernel normal equations
 #: (:func:`_noise_bias`).  Removing all of it leaves the frequencies where the
 #: convolved image has no signal undetermined (kernel sum of squares 0.16
@@ -1190,14 +1191,15 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         timings=timings, scale_correction=correction)
 
 
-def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, unusable: np.ndarray,
+def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, mask: np.ndarray,
                    psf: PsfModel, xy, *, min_sources: int = 5,
                    max_error: float = 0.01) -> tuple[float, float, int]:
     """Flux-scale residual ``a`` of a difference at static stars, ``D ~ a ref``.
 
     For each star at integer ``(x, y)`` (the kernel stars), ``a_i = <w, D> /
     <w, ref>`` with ``w`` the PSF at the star, over a stamp of the PSF's
-    size that touches no ``unusable`` pixel; its variance ``<w^2, var> /
+    size with no unusable pixel (``mask`` bits of the zeroed or no-data
+    planes, or a non-finite ``diff``); its variance ``<w^2, var> /
     <w, ref>^2`` (the noise correlation is ignored: it only weights the
     stars).  Variable stars are left out by :func:`diffim.residuals.random_effect`
     (``many_outliers``), which also gives the stars' scatter ``tau^2``; ``a``
@@ -1229,7 +1231,7 @@ def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, unusable:
         if not (half <= x < nx - half and half <= y < ny - half):
             continue
         cut = np.s_[y - half:y + half + 1, x - half:x + half + 1]
-        if unusable[cut].any():
+        if (mask[cut] & _UNUSABLE_BITS).any() or not np.isfinite(diff[cut]).all():
             continue
         w = psf.at(x, y)
         den = float((w * ref[cut]).sum())
@@ -1275,10 +1277,11 @@ def _remove_scale_residual(diff, var, mask, b: Exposure, fit: KernelFit,
 
     Returns the fit with the rescaled kernel and the ``a`` removed (0: none).
     """
-    unusable = masks.any_set(mask, *_ZERO_PLANES, *_NAN_PLANES) | ~np.isfinite(diff)
-    a, a_err, n = scale_residual(diff, var, b.image, unusable, b.psf, fit.used_xy)
+    a, a_err, n = scale_residual(diff, var, b.image, mask, b.psf, fit.used_xy)
     if not abs(a) > SCALE_RESIDUAL_SIGMA * a_err:
         return fit, 0.0
+    # the full-image mask only when the difference is corrected (not on every subtraction)
+    zeroed = masks.any_set(mask, *_ZERO_PLANES) & np.isfinite(diff)
     ksum = fit.kernel.sum_stats()[0]
     a32 = np.float32(a)
     if mode == "convolve_science":
@@ -1289,7 +1292,7 @@ def _remove_scale_residual(diff, var, mask, b: Exposure, fit: KernelFit,
         scale = 1.0 / (1.0 - a)
         diff -= a32 * b.image
         diff *= np.float32(scale)
-    diff[unusable & np.isfinite(diff)] = 0.0
+    diff[zeroed] = 0.0
     logger.info("kernel flux scale off by %+.4f +- %.4f at %d kernel stars: kernel scaled by %.4f",
                 a, a_err, n, scale)
     kernel = replace(fit.kernel, images=fit.kernel.images * scale)
