@@ -613,6 +613,8 @@ def main():
         print(f"  !!! {v}")
     if a.json:
         tv.drop(columns=["key"]).to_csv(os.path.splitext(a.json)[0] + "_matches.csv", index=False)
+        if len(ds):  # the false positives with their class, for inspection
+            ds[ds.is_fp].to_csv(os.path.splitext(a.json)[0] + "_false_positives.csv", index=False)
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
 
