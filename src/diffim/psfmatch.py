@@ -25,6 +25,11 @@ from .warp import warp_exposure
 
 logger = logging.getLogger(__name__)
 
+#: Matching kernels broader than this (FWHM, px) correlate the noise enough that
+#: resampling does not average it down.
+SMOOTH_KERNEL_FWHM_PX = 2.0
+
+
 def to_njy(calexp: Exposure) -> Exposure:
     """The calexp in nJy per pixel (image x NJYPERE, variance x NJYPERE^2).
 
@@ -104,12 +109,12 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
     if box is None:
         raise NoOverlapError("the exposure does not overlap this patch")
     x0, y0, x1, y1 = box
-    # the matched noise is white noise convolved by the matching kernel, whose
-    # width (Gaussian approximation) the warp's variance accounts for
-    kernel_fwhm = np.sqrt(max((model_fwhm_arcsec / scale) ** 2 - calexp.psf.fwhm() ** 2, 0.0))
+    # noise correlated over more than ~2 px after matching: interpolate variance
+    # linearly (see warp_exposure); a near-delta kernel leaves the noise white
+    smooth = (model_fwhm_arcsec / scale) ** 2 - calexp.psf.fwhm() ** 2 > SMOOTH_KERNEL_FWHM_PX**2
     sub_wcs = patch_wcs.deepcopy()
     sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
-    warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), noise_fwhm=kernel_fwhm)
+    warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
     psf = PsfModel.model(model_fwhm_arcsec / patch_scale, size,
                           width=patch_shape[1], height=patch_shape[0])
     meta = {k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD", "ZEROPT", "FWHM")

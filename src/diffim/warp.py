@@ -66,7 +66,7 @@ from scipy.interpolate import BSpline, RectBivariateSpline
 from .exposure import Exposure
 from .kernel import or_window
 from .masks import MASK_DTYPE, bit
-from .psf import FWHM_PER_SIGMA, PsfModel
+from .psf import PsfModel
 
 logger = logging.getLogger(__name__)
 
@@ -361,20 +361,13 @@ def _resample(flat, base, wx, wy, width):
     return out
 
 
-def _warp_pixels(src: _Source, order: int, table, xs, ys, smooth_noise: bool = False,
-                 corr=None):
-    """Image, variance and mask at source positions ``xs, ys`` (1-D, inside).
-
-    ``corr`` (:func:`correlation_factors`, or None) multiplies the ``w^2``
-    variance by the input noise's correlation, per axis.
-    """
+def _warp_pixels(src: _Source, order: int, table, xs, ys, smooth_noise: bool = False):
+    """Image, variance and mask at source positions ``xs, ys`` (1-D, inside)."""
     fx = np.floor(xs)
     fy = np.floor(ys)
     res = table.shape[1] - 1
-    qx = ((xs - fx) * res + 0.5).astype(np.intp)
-    qy = ((ys - fy) * res + 0.5).astype(np.intp)
-    wx = table.take(qx, axis=1)
-    wy = table.take(qy, axis=1)
+    wx = table.take(((xs - fx) * res + 0.5).astype(np.intp), axis=1)
+    wy = table.take(((ys - fy) * res + 0.5).astype(np.intp), axis=1)
     first = src.pad - order + 1                   # padded index of the first tap
     base = ((fy + first) * src.width + (fx + first)).astype(np.intp)
     image = _resample(src.image, base, wx, wy, src.width)
@@ -383,38 +376,12 @@ def _warp_pixels(src: _Source, order: int, table, xs, ys, smooth_noise: bool = F
     vx, vy = (wx, wy) if smooth_noise else (wx * wx, wy * wy)
     var = _resample(src.variance, base + inner * (src.width + 1),
                     _fold_outer(vx, keep), _fold_outer(vy, keep), src.width)
-    if corr is not None and not smooth_noise:
-        var *= corr.take(qx) * corr.take(qy)
     mask = src.mask.take(base)
     return image, var, mask
 
 
-def correlation_factors(table: np.ndarray, noise_fwhm: float) -> np.ndarray:
-    """Variance factor of resampling correlated noise, per fractional position (one axis).
-
-    ``sum_ab w_a w_b rho(a - b) / sum_a w_a^2`` for the weights of each column
-    of ``table`` (:func:`lanczos_table`), with ``rho`` the correlation of white
-    noise convolved by a pixel-sampled Gaussian of FWHM ``noise_fwhm`` (source
-    pixels; the autocorrelation of the sampled kernel, so that a kernel
-    narrower than a pixel correlates nothing).  Multiplying the ``w^2``
-    variance by it on both axes is exact for such noise where the variance is
-    locally constant; 1 for white noise (``noise_fwhm = 0``).
-    """
-    if not noise_fwhm > 0:
-        return np.ones(table.shape[1], np.float32)
-    n = table.shape[0]
-    half = n + int(np.ceil(3 * noise_fwhm))
-    g = np.exp(-0.5 * (np.arange(-half, half + 1) / (noise_fwhm / FWHM_PER_SIGMA)) ** 2)
-    auto = np.correlate(g, g, mode="full")[2 * half:] / np.dot(g, g)  # lags 0, 1, ...
-    d = np.arange(n)
-    rho = auto[np.abs(d[:, None] - d[None, :])]
-    w = table.astype(np.float64)
-    return ((w * (rho @ w)).sum(axis=0) / (w * w).sum(axis=0)).astype(np.float32)
-
-
 def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str = "lanczos3",
-                  grid_step: int = 32, threads: int = 2, smooth_noise: bool = False,
-                  noise_fwhm: float | None = None) -> Exposure:
+                  grid_step: int = 32, threads: int = 2, smooth_noise: bool = False) -> Exposure:
     """Resample an exposure onto a target pixel grid (a patch).
 
     Parameters
@@ -436,16 +403,6 @@ def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str =
         image or a coadd): interpolating it does not average it down, so the
         variance is interpolated with the weights ``w`` instead of ``w^2``
         (exact for noise correlated over scales much larger than a pixel).
-        For when the correlation is not known (a coadd).
-    noise_fwhm : float, optional
-        The input's noise is white noise convolved by a Gaussian of this
-        FWHM (source pixels; a PSF-matched calexp): the ``w^2`` variance is
-        multiplied by the correlation factor of each axis
-        (:func:`correlation_factors`).  Exact where the variance is locally
-        constant; on synthetic noise the variance error is within 1 % for
-        FWHMs of 0-3.5 px, where the ``w^2`` rule alone underestimates it by
-        up to 34 % (FWHM 1.5 px: std ratio 1.19) and ``smooth_noise``
-        overestimates it by up to 34 % (FWHM 1 px).  Ignored with ``smooth_noise``.
 
     Returns
     -------
@@ -469,7 +426,7 @@ def warp_exposure(exposure: Exposure, target_wcs, target_shape, *, kernel: str =
         logger.info("exposure does not overlap the target grid; warp is all NO_DATA")
     else:
         _warp_into(exposure, target_wcs, bbox, order, grid_step, max(1, int(threads)),
-                   image, variance, mask, smooth_noise, noise_fwhm)
+                   image, variance, mask, smooth_noise)
     return Exposure(image=image, variance=variance, mask=mask, wcs=target_wcs,
                     psf=_output_psf(exposure.psf, nx, ny), meta=dict(exposure.meta))
 
@@ -485,7 +442,7 @@ def _output_psf(psf: PsfModel | None, nx: int, ny: int) -> PsfModel | None:
 
 
 def _warp_into(exposure, target_wcs, bbox, order, grid_step, threads,
-               image, variance, mask, smooth_noise=False, noise_fwhm=None):
+               image, variance, mask, smooth_noise=False):
     """Fill the target planes inside ``bbox``, row blocks spread over threads.
 
     numpy's ``take`` and ufuncs release the GIL, so threads over disjoint row
@@ -496,7 +453,6 @@ def _warp_into(exposure, target_wcs, bbox, order, grid_step, threads,
                  mapping.grid_step, mapping.max_error)
     src = _prepare_source(exposure, order)
     table = lanczos_table(order)
-    corr = None if noise_fwhm is None else correlation_factors(table, noise_fwhm)
     nodata = bit("NO_DATA")
     sny, snx = exposure.shape
     sl_y, sl_x = bbox
@@ -512,7 +468,7 @@ def _warp_into(exposure, target_wcs, bbox, order, grid_step, threads,
         if sel.size == 0:
             return
         img, var, msk = _warp_pixels(src, order, table, xs.ravel()[sel], ys.ravel()[sel],
-                                     smooth_noise, corr)
+                                     smooth_noise)
         if np.ndim(area):
             area = area.ravel()[sel].astype(np.float32)
         img *= area
