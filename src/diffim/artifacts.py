@@ -92,16 +92,25 @@ def _region(shape, x: float, y: float, radius: int):
     return None if st is None else st[0]
 
 
-def _misfit(science, sl, core, x: float, y: float) -> tuple[float, float, int]:
-    """:func:`point_source_misfit` on the stamp ``sl`` with the PSF ``core`` at ``(x, y)``."""
+def _stamp_data(science, sl):
+    """Pixels and weights of the stamp ``sl``: ``(d, w, (y0, y1, x0, x1))``, flattened.
+
+    ``w = 1 / variance``, 0 on pixels in :data:`_SKIP_PLANES` or not finite,
+    where ``d`` is 0 too.
+    """
     img = science.image[sl]
     bad = masks.any_set(science.mask[sl], *_SKIP_PLANES) | ~np.isfinite(img)
     w = inverse_variance_weights(science.variance[sl], bad).ravel()
+    d = np.where(w > 0, img.ravel(), 0.0)
+    return d, w, (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+
+
+def _misfit(science, sl, core, x: float, y: float) -> tuple[float, float, int]:
+    """:func:`point_source_misfit` on the stamp ``sl`` with the PSF ``core`` at ``(x, y)``."""
+    d, w, (y0, y1, x0, x1) = _stamp_data(science, sl)
     nu = int(np.count_nonzero(w)) - 3
     if nu < 5:
         return np.nan, np.nan, 0
-    d = np.where(w > 0, img.ravel(), 0.0)
-    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
 
     def fit(p):
         m = _placed(core, p[0], p[1], y0, y1, x0, x1)
@@ -171,13 +180,9 @@ def sharp_track_preference(science, x: float, y: float, radius: int) -> tuple[fl
     sl = _region(science.shape, x, y, radius)
     if sl is None:
         return np.nan, np.nan
-    img = science.image[sl]
-    bad = masks.any_set(science.mask[sl], *_SKIP_PLANES) | ~np.isfinite(img)
-    w = inverse_variance_weights(science.variance[sl], bad).ravel()
+    d, w, (y0, y1, x0, x1) = _stamp_data(science, sl)
     if np.count_nonzero(w) < 8:
         return np.nan, np.nan
-    d = np.where(w > 0, img.ravel(), 0.0)
-    y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
     core = _core(science.psf, x, y, radius + 3)
     psf = np.array([_placed(core, x + dx, y + dy, y0, y1, x0, x1)
                     for dy in PSF_OFFSETS for dx in PSF_OFFSETS])

@@ -969,13 +969,14 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     rows = _merge_dipoles(diff, bad, pos, neg, max_sep, dipole_flux_ratio)
     if significance.local_scale is not None:
         _scale_errors(rows, significance.local_scale)
+    per_filtered = _flux_per_filtered(diff.psf, noise.filter)
     if sys_var is not None:
-        _add_systematic_errors(rows, sys_var, _flux_per_filtered(diff.psf, noise.filter))
+        _add_systematic_errors(rows, sys_var, per_filtered)
     n_found = len(rows)
     rows = [r for r in rows if _point_like(r, min_fit_fraction)]
     n_not_point = n_found - len(rows)
     rows += _variable_star_rows(diff, significance, bad, noise.systematics, rows, threshold,
-                                min_sep, radius, _flux_per_filtered(diff.psf, noise.filter))
+                                min_sep, radius, per_filtered)
     n_point = len(rows)
     halo = _saturation_halo(diff.mask, int(np.ceil(HALO_FWHM * fwhm))) if rows else None
     if halo is not None:
