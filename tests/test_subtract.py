@@ -482,11 +482,39 @@ def test_scale_residual_uses_bright_stars_and_drops_variables():
     diff = _star_field(n, xy, flux * a_star, 4.0, rng, SKY_VAR)
     var = np.full((n, n), SKY_VAR)
     psf = PsfModel.gaussian(4.0, K, n, n)
-    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), np.int32), psf, xy)
+    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), bool), psf, xy)
     assert 20 <= used <= 32      # variables and faint stars left out (a faint star next to
     #                              a bright one may count as bright)
     assert a == pytest.approx(-0.02, abs=max(3 * a_err, 5e-4)), (a, a_err)
     assert a_err < 1e-3
+
+
+@pytest.mark.parametrize("width", [0.15, -0.15])
+def test_scale_residual_is_not_fooled_by_a_width_residual(width):
+    """``D = a B + c lap B`` at 25 stars of FWHM 3.4 px (a = +0.02, c = +-0.15 px^2, the
+    residual of a PSF model 0.3 px^2 too broad or too sharp).  The width residual carries no
+    flux, but a PSF-weighted ratio <P, D> / <P, B> counts -c / sigma^2 = -+7 % of it;
+    the fit with the width term beside the scale must recover a within 0.3 %."""
+    rng = np.random.default_rng(8)
+    n, fwhm = 480, 3.4
+    xy = np.stack([rng.uniform(30, n - 30, 25), rng.uniform(30, n - 30, 25)], axis=1).astype(int)
+    flux = np.exp(rng.uniform(np.log(3e5), np.log(3e6), 25))
+    ref = _star_field(n, xy, flux, fwhm)
+    from diffim.residuals import laplacian
+    diff = 0.02 * ref + width * laplacian(ref) + rng.normal(size=ref.shape) * np.sqrt(SKY_VAR)
+    var = np.full((n, n), SKY_VAR)
+    psf = PsfModel.gaussian(fwhm, K, n, n)
+    a, a_err, used = sub.scale_residual(diff, var, ref, np.zeros((n, n), bool), psf, xy)
+    assert used >= 20
+    assert a == pytest.approx(0.02, abs=0.003), (a, a_err)
+    # the one-term PSF-weighted ratio (the estimator used before) is off by the width term
+    w = psf.at()
+    h = K // 2
+    ratios = [(w * diff[y - h:y + h + 1, x - h:x + h + 1]).sum()
+              / (w * ref[y - h:y + h + 1, x - h:x + h + 1]).sum() for x, y in xy]
+    sigma2 = (fwhm / 2.3548) ** 2
+    assert np.median(ratios) == pytest.approx(0.02 - width / sigma2, abs=0.01)
+    assert abs(np.median(ratios) - 0.02) > 0.05
 
 
 def test_scale_residual_of_a_misscaled_kernel_is_removed():
@@ -508,7 +536,8 @@ def test_scale_residual_of_a_misscaled_kernel_is_removed():
     fit = sub.KernelFit(kernel=kern, background=np.zeros(0), background_order=-1,
                         n_candidates=40, n_used=40, chi2=np.ones(40), used_xy=xy.astype(int))
     peak_before = np.abs(diff).max()
-    fixed, a = sub._remove_scale_residual(diff, var, mask, b, fit, "convolve_science")
+    fixed, a = sub._remove_scale_residual(diff, var, mask, b, fit, "convolve_science",
+                                          xy.astype(int))
     assert a == pytest.approx(-0.03 / 0.97, rel=0.01)
     assert fixed.kernel.sum_stats()[0] == pytest.approx(1.0, abs=1e-3)
     assert np.abs(diff).max() < 0.01 * peak_before      # static stars nulled (in place)

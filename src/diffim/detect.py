@@ -213,6 +213,28 @@ def refine_binned_peak(img: np.ndarray, x: int, y: int, f: int) -> tuple[int, in
     return int(x0 + j[1]), int(y0 + j[0])
 
 
+def bright_peaks(scene: np.ndarray, variance: np.ndarray, psf: np.ndarray, bad: np.ndarray, *,
+                 min_snr: float = MIN_SOURCE_SNR, max_sources: int = MAX_SOURCES,
+                 significance: tuple[np.ndarray, int] | None = None) -> np.ndarray:
+    """Integer ``(x, y)`` of the brightest peaks of ``scene``, brightest first.
+
+    Peaks of the matched-filter significance of ``scene`` with ``variance``
+    (:func:`binned_significance`; ``bad`` pixels and non-finite scene values
+    count as 0; or the ``(map, binning)`` given as ``significance``) of at
+    least ``min_snr``, at most ``max_sources`` of them, each at its brightest
+    full-resolution pixel.  Returns an ``(n, 2)`` int array.
+    """
+    if significance is None:  # (refine_binned_peak itself skips non-finite values)
+        significance = binned_significance(np.where(np.isfinite(scene), scene, 0), variance,
+                                           psf, bad)
+    sig, f = significance
+    peaks, pos, _ = label_peaks(sig, min_snr)
+    brightest = np.argsort(-peaks)[:max_sources]
+    xy = [refine_binned_peak(scene, int(pos[i, 1]) * f, int(pos[i, 0]) * f, f)
+          for i in brightest]
+    return np.array(xy, int).reshape(-1, 2)
+
+
 #: Half-size (pixels) of the measured noise autocorrelation; the difference of
 #: a visit and a PSF-matched coadd template is correlated over ~8 px (measured:
 #: rho = 0.92, 0.51, 0.14, 0.00 at lags 1, 3, 5, 7 px).
@@ -415,14 +437,10 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
         return terms
     _check_scene(diff, scene)
     bad = _bad_pixels(diff)
-    sig, f = binned_significance(np.where(np.isfinite(scene), scene, 0), diff.variance,
-                                 diff.psf.at(), bad)
-    peaks, pos, _ = label_peaks(sig, MIN_SOURCE_SNR)
-    brightest = np.argsort(-peaks)[:MAX_SOURCES]
-    xy = [refine_binned_peak(scene, int(pos[i, 1]) * f, int(pos[i, 0]) * f, f) for i in brightest]
+    xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad)
     radius = int(min(np.ceil(1.5 * diff.psf.fwhm()), diff.psf.kernel_size // 2))
     sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
-                              np.array(xy, int).reshape(-1, 2), radius=radius,
+                              xy, radius=radius,
                               wing_sigma=diff.psf.fwhm())
     return replace(terms, systematics=sys)
 
