@@ -542,3 +542,32 @@ def test_scale_residual_of_a_misscaled_kernel_is_removed():
     assert fixed.kernel.sum_stats()[0] == pytest.approx(1.0, abs=1e-3)
     assert np.abs(diff).max() < 0.01 * peak_before      # static stars nulled (in place)
     assert var.min() == pytest.approx(100.0 + 10.0 * ((1 - 0.03) ** 2 - 1) / 0.97**2, rel=1e-4)
+
+
+def test_cosmic_rays_grow_only_as_far_as_the_flux_they_hide():
+    """A masked cosmic ray on empty sky hides only noise: the difference keeps the pixels
+    beyond MIN_GROW.  One on a star hides the star's light, which the kernel spreads over
+    its footprint: there the mask grows as far as that light exceeds 0.1 sigma."""
+    n, fwhm_b = 160, 5.0
+    rng = np.random.default_rng(3)
+    kernel = gaussian_kernel(3.0, 21)
+    b_img = rng.normal(0, 1.0, (n, n)).astype(np.float32)
+    _add(b_img, gaussian_kernel(fwhm_b, K), 110, 80, 5e4)       # a bright star in B
+    b = Exposure(b_img, np.ones((n, n), np.float32), np.zeros((n, n), np.int32),
+                 psf=PsfModel.gaussian(fwhm_b, K, n, n))
+    a_mask = np.zeros((n, n), np.int32)
+    cr = masks.bit("CR")
+    a_mask[40, 38:43] |= cr                                         # on empty sky
+    a_mask[80, 108:113] |= cr                                       # across the star's core
+    empty = sub.Exposure(np.zeros((n, n), np.float32), np.ones((n, n), np.float32),
+                         np.zeros((n, n), np.int32))
+    reach = sub._hidden_flux_reach(a_mask, kernel, b)
+    grown = masks.any_set(sub._difference_mask(empty, empty, a_mask, 10, reach), "CR")
+    full = masks.any_set(sub._difference_mask(empty, empty, a_mask, 10), "CR")
+    assert full[40, 50] and full[80, 120]                           # the old rule: 10 px
+    assert not grown[40, 42 + sub.MIN_GROW + 1] and grown[40 - sub.MIN_GROW, 40]
+    assert grown[40, 38:43].all()
+    assert not grown[40, 45:].any()                                 # empty sky: no reach
+    # the star's light reaches beyond MIN_GROW (to ~6 px for this kernel), not to 10 px
+    assert grown[80, 112 + sub.MIN_GROW + 2] and not grown[80, 112 + 10]
+    assert grown[25:55, 25:55].sum() < 0.2 * full[25:55, 25:55].sum()

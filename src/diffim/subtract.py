@@ -78,6 +78,15 @@ _DROPPED_PLANES = ("DETECTED", "DETECTED_NEGATIVE")
 #: these are zero-filled and the plane is grown by the kernel half-width.
 _GROWN_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "NO_TEMPLATE")
 _NAN_PLANES = ("NO_DATA", "NO_TEMPLATE")
+#: Planes of the convolved image grown only as far as the flux they hide
+#: reaches through the kernel (:func:`_hidden_flux_reach`), and at least
+#: :data:`MIN_GROW` pixels (a cosmic ray's unmasked wings); the others are
+#: grown by the kernel's whole footprint.
+_FLUX_GROWN_PLANES = ("BAD", "CR")
+MIN_GROW = 2
+#: Hidden flux reaching a difference pixel above this fraction of the
+#: unconvolved image's noise there makes the pixel unusable.
+HIDDEN_FLUX_SIGMA = 0.1
 _ZERO_PLANES = ("BAD", "SAT", "CR")
 #: A flux-scale residual of the kernel at its stars is removed when it exceeds
 #: its error this many times (:func:`_remove_scale_residual`).
@@ -1051,18 +1060,53 @@ def footprint_radius(kernel: np.ndarray, frac: float = 0.99) -> int:
     return h
 
 
-def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, hk: int):
-    """OR of the input masks (DETECTED planes dropped) with ``A``'s bad planes grown by ``hk``."""
+def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, hk: int,
+                     reach: np.ndarray | None = None):
+    """OR of the input masks (DETECTED planes dropped) with ``A``'s bad planes grown.
+
+    :data:`_GROWN_PLANES` are grown by ``hk`` pixels, except that with
+    ``reach`` (:func:`_hidden_flux_reach`) the :data:`_FLUX_GROWN_PLANES` are
+    grown by :data:`MIN_GROW` pixels plus, within ``hk``, where ``reach`` is
+    True.
+    """
     mask = (science.mask | template.mask) & ~masks.bits(*_DROPPED_PLANES)
     for name in _GROWN_PLANES:
         flag = masks.any_set(a_mask, name)
         if flag.any():
-            mask |= np.where(dilate(flag, hk), masks.bit(name), 0).astype(mask.dtype)
+            grown = dilate(flag, hk)
+            if reach is not None and name in _FLUX_GROWN_PLANES:
+                grown &= reach
+                grown |= dilate(flag, MIN_GROW)
+            mask |= np.where(grown, masks.bit(name), 0).astype(mask.dtype)
     ny, nx = mask.shape
     border = np.zeros(mask.shape, dtype=bool)
     border[:hk], border[ny - hk:], border[:, :hk], border[:, nx - hk:] = True, True, True, True
     mask[border] |= masks.bits("NO_DATA", "EDGE")
     return mask
+
+
+def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure) -> np.ndarray | None:
+    """Where the flux hidden under ``A``'s cosmic rays and bad pixels reaches through the kernel.
+
+    The convolved image ``A`` is zero-filled (= sky) on its masked pixels, so
+    a pixel ``x`` of the difference misses ``sum_p k(x - p) A(p)`` over them.
+    On empty sky that is noise; only a source under the mask leaves a
+    residual.  ``A(p)`` is estimated by the unconvolved image ``B`` (the same
+    scene, registered): its pixels above 2 sigma under the mask, convolved
+    with ``|k|``.  True where that exceeds :data:`HIDDEN_FLUX_SIGMA` times
+    ``B``'s noise.  Growing every cosmic ray by the kernel's 99 % footprint
+    instead (~20 px for a kernel that broadens a 3.3 px PSF to 5.2 px) hid
+    8-10 % of seed-7 `small`'s area and some transients at S/N 10-96.
+    None when ``A`` has no such pixel.
+    """
+    flag = masks.any_set(a_mask, *_FLUX_GROWN_PLANES)
+    if not flag.any():
+        return None
+    sd = np.sqrt(np.maximum(b.variance, 0), dtype=np.float32)
+    lost = np.where(flag & (b.image > 2 * sd), b.image, np.float32(0))
+    if not lost.any():
+        return np.zeros(flag.shape, bool)
+    return fft_convolve(lost, np.abs(kernel).astype(np.float32)) > HIDDEN_FLUX_SIGMA * sd
 
 
 def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto",
@@ -1323,7 +1367,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     resid = b.image - conv
     del conv
     hg = min(hk, footprint_radius(kc) + 1)
-    mask = _difference_mask(science, template, a.mask, hg)
+    mask = _difference_mask(science, template, a.mask, hg, _hidden_flux_reach(a.mask, kc, b))
     nan_pix = masks.any_set(mask, *_NAN_PLANES)
     zero_pix = masks.any_set(mask, *_ZERO_PLANES) | nan_pix | ~np.isfinite(resid)
     background = np.asarray(fit.background, dtype=float)
