@@ -75,7 +75,9 @@ MODES = ("auto", "convolve_template", "convolve_science")
 #: describe the input's own detections, not the difference's).
 _DROPPED_PLANES = ("DETECTED", "DETECTED_NEGATIVE")
 #: Planes that make a pixel unusable; pixels of the convolved image with one of
-#: these are zero-filled and the plane is grown by the kernel half-width.
+#: these are zero-filled and the plane is grown by the kernel's footprint
+#: (:func:`footprint_radius`; CR and BAD only as far as the flux they hide
+#: reaches, :data:`_FLUX_GROWN_PLANES`).
 _GROWN_PLANES = ("NO_DATA", "BAD", "SAT", "CR", "NO_TEMPLATE")
 _NAN_PLANES = ("NO_DATA", "NO_TEMPLATE")
 #: Planes of the convolved image grown only as far as the flux they hide
