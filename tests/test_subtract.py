@@ -536,7 +536,7 @@ def test_scale_residual_of_a_misscaled_kernel_is_removed():
     fit = sub.KernelFit(kernel=kern, background=np.zeros(0), background_order=-1,
                         n_candidates=40, n_used=40, chi2=np.ones(40), used_xy=xy.astype(int))
     peak_before = np.abs(diff).max()
-    fixed, a = sub._remove_scale_residual(diff, var, mask, b, fit, "convolve_science",
+    fixed, a = sub._remove_scale_residual(diff, var, mask != 0, b, fit, "convolve_science",
                                           xy.astype(int))
     assert a == pytest.approx(-0.03 / 0.97, rel=0.01)
     assert fixed.kernel.sum_stats()[0] == pytest.approx(1.0, abs=1e-3)

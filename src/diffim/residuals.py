@@ -357,7 +357,7 @@ def _amplitudes(f, vf, design, cov_f):
 
 def scale_amplitudes(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray,
                      scene: np.ndarray, h: np.ndarray, xy: np.ndarray,
-                     radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Flux-scale amplitude of each source, with the shift and width residuals beside it.
 
     On a disc of ``radius`` pixels around each integer ``(x, y)`` of ``xy``
@@ -373,23 +373,22 @@ def scale_amplitudes(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray
 
     Returns
     -------
-    index, a, var_a : ndarray
-        Rows of ``xy`` measured (discs inside the image and at least 80 %
-        usable) and their amplitudes and variances (dimensionless).
+    a, var_a : ndarray
+        Amplitudes and their variances (dimensionless) of the sources that
+        could be measured (discs inside the image and at least 80 % usable).
     """
     xy = np.asarray(xy, int).reshape(-1, 2)
     rho_f = filtered_noise_correlation(h, np.ones((1, 1)), 2 * radius)
-    index, a, var = [], [], []
-    for i, terms in enumerate(_disc_terms(diff_img, diff_var, bad, scene, h, 1.0, xy, radius)):
+    a, var = [], []
+    for terms in _disc_terms(diff_img, diff_var, bad, scene, h, 1.0, xy, radius):
         if terms is None:
             continue
         f, vf, design, yx = terms
         fit = _amplitudes(f, vf, design, _noise_covariance(vf, yx, rho_f))
         if fit is not None:
-            index.append(i)
             a.append(fit[0][0])
             var.append(fit[1][0, 0])
-    return np.array(index, int), np.array(a, float), np.array(var, float)
+    return np.array(a, float), np.array(var, float)
 
 
 def truncated_second_moment(k: float) -> float:

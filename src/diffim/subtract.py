@@ -93,7 +93,6 @@ _ZERO_PLANES = ("BAD", "SAT", "CR")
 #: A flux-scale residual of the kernel at its stars is removed when it exceeds
 #: its error this many times (:func:`_remove_scale_residual`).
 SCALE_RESIDUAL_SIGMA = 3.0
-_UNUSABLE_BITS = masks.bits(*_ZERO_PLANES, *_NAN_PLANES)
 #: The flux-scale check (:func:`scale_residual`) uses at most this many of the
 #: template's brightest sources (peak S/N >= 100); the error of the mean is set
 #: by the brightest few.
@@ -1227,9 +1226,10 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     del tsig
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    diff, var, mask, phi, background = _apply(a, b, fit, mode, hk, science, template,
-                                              decorrelate)
-    fit, correction = _remove_scale_residual(diff, var, mask, b, fit, mode, bright_xy)
+    diff, var, mask, phi, background, unusable = _apply(a, b, fit, mode, hk, science,
+                                                        template, decorrelate)
+    fit, correction = _remove_scale_residual(diff, var, unusable, b, fit, mode, bright_xy)
+    del unusable
     timings["convolution"] = time.perf_counter() - t1
     psf_diff = difference_psf(science.psf, fit.kernel, phi, mode, width=science.shape[1],
                               height=science.shape[0])
@@ -1292,7 +1292,7 @@ def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, bad: np.n
         Sources used.
     """
     radius = int(min(np.ceil(1.5 * psf.fwhm()), psf.kernel_size // 2))
-    _, a, v = scale_amplitudes(diff, var, bad, ref, psf.at(), xy, radius)
+    a, v = scale_amplitudes(diff, var, bad, ref, psf.at(), xy, radius)
     bright = v <= max_error**2
     if bright.sum() < min_sources:
         return 0.0, np.inf, int(bright.sum())
@@ -1304,9 +1304,12 @@ def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, bad: np.n
     return float(np.sum(w * a[keep]) / w.sum()), float(1.0 / np.sqrt(w.sum())), int(keep.sum())
 
 
-def _remove_scale_residual(diff, var, mask, b: Exposure, fit: KernelFit, mode: str,
+def _remove_scale_residual(diff, var, unusable, b: Exposure, fit: KernelFit, mode: str,
                            sources_xy: np.ndarray) -> tuple[KernelFit, float]:
     """Rescale the kernel so that static stars leave no flux in ``diff`` (in place).
+
+    ``unusable`` marks the difference's zero-filled and no-data pixels (as
+    :func:`_apply` returns them); they stay 0 (or NaN) after the correction.
 
     The least-squares kernel is attenuated by the convolved image's noise
     (errors in variables; :func:`_noise_bias` removes most of it when the
@@ -1331,11 +1334,10 @@ def _remove_scale_residual(diff, var, mask, b: Exposure, fit: KernelFit, mode: s
 
     Returns the fit with the rescaled kernel and the ``a`` removed (0: none).
     """
-    unusable = ((mask & _UNUSABLE_BITS) != 0) | ~np.isfinite(diff)
     a, a_err, n = scale_residual(diff, var, b.image, unusable, b.psf, sources_xy)
     if not abs(a) > SCALE_RESIDUAL_SIGMA * a_err:
         return fit, 0.0
-    zeroed = masks.any_set(mask, *_ZERO_PLANES) & np.isfinite(diff)
+    zeroed = unusable & np.isfinite(diff)
     ksum = fit.kernel.sum_stats()[0]
     a32 = np.float32(a)
     if mode == "convolve_science":
@@ -1416,7 +1418,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     var = var.astype(np.float32)
     diff[nan_pix] = np.nan
     var[nan_pix] = np.nan
-    return diff, var, mask, phi, background
+    return diff, var, mask, phi, background, zero_pix
 
 
 def residual_background(resid: np.ndarray, good: np.ndarray, order: int, *, box: int = 64,
