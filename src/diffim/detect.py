@@ -77,9 +77,10 @@ from scipy import ndimage, optimize
 from . import masks, noisescale
 from .exposure import Exposure
 from .noisescale import LocalNoiseScale
+from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
-from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, Systematics, measure_systematics,
-                        systematic_variance)
+from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
+                        Systematics, measure_systematics, systematic_variance)
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,11 @@ def refine_binned_peak(img: np.ndarray, x: int, y: int, f: int) -> tuple[int, in
     return int(x0 + j[1]), int(y0 + j[0])
 
 
+#: Peaks of :func:`bright_peaks` closer than this many PSF FWHMs to a brighter
+#: one are the same source (or a blend that no disc fit separates).
+PEAK_SEPARATION_FWHM = 2.0
+
+
 def bright_peaks(scene: np.ndarray, variance: np.ndarray, psf: np.ndarray, bad: np.ndarray, *,
                  min_snr: float = MIN_SOURCE_SNR, max_sources: int = MAX_SOURCES,
                  significance: tuple[np.ndarray, int] | None = None) -> np.ndarray:
@@ -222,16 +228,25 @@ def bright_peaks(scene: np.ndarray, variance: np.ndarray, psf: np.ndarray, bad: 
     (:func:`binned_significance`; ``bad`` pixels and non-finite scene values
     count as 0; or the ``(map, binning)`` given as ``significance``) of at
     least ``min_snr``, at most ``max_sources`` of them, each at its brightest
-    full-resolution pixel.  Returns an ``(n, 2)`` int array.
+    full-resolution pixel.  A peak within :data:`PEAK_SEPARATION_FWHM` PSF
+    FWHMs of a brighter one is left out: a bright star whose core is masked
+    (saturated) can break into two regions above ``min_snr``, which would
+    count the same light twice.  Returns an ``(n, 2)`` int array.
     """
     if significance is None:  # (refine_binned_peak itself skips non-finite values)
         significance = binned_significance(np.where(np.isfinite(scene), scene, 0), variance,
                                            psf, bad)
     sig, f = significance
     peaks, pos, _ = label_peaks(sig, min_snr)
-    brightest = np.argsort(-peaks)[:max_sources]
-    xy = [refine_binned_peak(scene, int(pos[i, 1]) * f, int(pos[i, 0]) * f, f)
-          for i in brightest]
+    fwhm = moments_fwhm(psf)
+    min_sep2 = (PEAK_SEPARATION_FWHM * fwhm) ** 2 if np.isfinite(fwhm) else 0.0
+    xy = []
+    for i in np.argsort(-peaks):
+        x, y = refine_binned_peak(scene, int(pos[i, 1]) * f, int(pos[i, 0]) * f, f)
+        if all((x - u) ** 2 + (y - v) ** 2 >= min_sep2 for u, v in xy):
+            xy.append((x, y))
+            if len(xy) == max_sources:
+                break
     return np.array(xy, int).reshape(-1, 2)
 
 
@@ -421,7 +436,11 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     With ``scene`` (the static scene: the template on the difference's pixel
     grid, any flux scale), the systematic residual terms are measured too
     (:func:`diffim.residuals.measure_systematics`) unless ``systematics`` gives
-    them (e.g. read back from a difference image's header).  ``local_scale``
+    them (e.g. read back from a difference image's header), on the scene's
+    peaks above S/N :data:`~diffim.residuals.MIN_SOURCE_SNR`, or in a sparse
+    image with fewer than :data:`~diffim.residuals.SPARSE_SOURCES` of them on
+    its brightest ``SPARSE_SOURCES`` above
+    :data:`~diffim.residuals.SPARSE_SOURCE_SNR`.  ``local_scale``
     (read back from such a header) is kept as given; without it
     :func:`significance_maps` measures one.
     """
@@ -437,7 +456,13 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
         return terms
     _check_scene(diff, scene)
     bad = _bad_pixels(diff)
-    xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad)
+    scene_sig = binned_significance(np.where(np.isfinite(scene), scene, 0), diff.variance,
+                                    diff.psf.at(), bad)
+    xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad, significance=scene_sig)
+    if len(xy) < SPARSE_SOURCES:
+        xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad, min_snr=SPARSE_SOURCE_SNR,
+                          max_sources=SPARSE_SOURCES, significance=scene_sig)
+    del scene_sig
     radius = int(min(np.ceil(1.5 * diff.psf.fwhm()), diff.psf.kernel_size // 2))
     sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
                               xy, radius=radius,
@@ -800,7 +825,11 @@ def variable_scene_sources(systematics: Systematics, threshold: float) -> np.nda
 def _variable_star_rows(diff: Exposure, sig: Significance, bad: np.ndarray,
                         systematics: Systematics, rows: list[dict], threshold: float,
                         min_sep: float, flag_radius: float, per_filtered: float) -> list[dict]:
-    """DIASources at variable static sources (:func:`variable_scene_sources`) not yet found.
+    """``rows`` with DIASources added at variable static sources not yet found.
+
+    The sources are :func:`variable_scene_sources`.  A row within ``min_sep``
+    that is only a weaker piece of the change (:func:`_weaker_lobe`) is
+    dropped and the change reported instead; any other row keeps it out.
 
     Placed at the sub-pixel peak of the statistical significance (of the
     change's sign) within one FWHM of the source.  The flux is the fitted
@@ -827,8 +856,12 @@ def _variable_star_rows(diff: Exposure, sig: Significance, bad: np.ndarray,
         ya, xa = max(iy - 1, 0), max(ix - 1, 0)
         x, y = _refine_peak(np.sign(z) * sig.statistical[ya:iy + 2, xa:ix + 2], iy - ya, ix - xa)
         x, y = x + xa, y + ya
-        if any(np.hypot(q["x"] - x, q["y"] - y) < min_sep for q in rows + out):
+        if any(np.hypot(q["x"] - x, q["y"] - y) < min_sep for q in out):
             continue
+        near = [np.hypot(q["x"] - x, q["y"] - y) < min_sep for q in rows]
+        if not all(_weaker_lobe(q, z, x0, y0, flag_radius) for q, n in zip(rows, near) if n):
+            continue
+        rows = [q for q, n in zip(rows, near) if not n]
         flux = float(a * s_f / per_filtered)
         err = abs(flux / z)
         edge, sat, badf = _flags(diff.mask, None, None, 0, x, y, flag_radius, edge_width)
@@ -840,7 +873,22 @@ def _variable_star_rows(diff: Exposure, sig: Significance, bad: np.ndarray,
                     "dipoleSeparation": np.nan, "footprintArea": int(np.pi * flag_radius**2)})
     if out:
         logger.info("%d variable static sources found by their flux change", len(out))
-    return out
+    return rows + out
+
+
+def _weaker_lobe(row: dict, z: float, x0: float, y0: float, radius: float) -> bool:
+    """Whether a DIASource near a variable source is a weaker piece of the same change.
+
+    Of the same sign, not a dipole, of lower S/N than the change's ``|z|`` and
+    more than ``radius`` px from the source at ``(x0, y0)`` (a DIASource on
+    the source itself is its measurement and stays): the systematic variance
+    at the source lowers its own significance, and the change can then be
+    found only on its flank (a +9 % change at 10 sigma was detected as a
+    5-sigma source 14 px from the star, which then kept the star's own row
+    out).
+    """
+    return (not row["isDipole"] and bool(row["isNegative"]) == bool(z < 0)
+            and row["snr"] < abs(z) and np.hypot(row["x"] - x0, row["y"] - y0) > radius)
 
 
 def _measure_side(diff: Exposure, sig: Significance, sign: int, threshold: float,
@@ -993,8 +1041,8 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     n_found = len(rows)
     rows = [r for r in rows if _point_like(r, min_fit_fraction)]
     n_not_point = n_found - len(rows)
-    rows += _variable_star_rows(diff, significance, bad, noise.systematics, rows, threshold,
-                                min_sep, radius, per_filtered)
+    rows = _variable_star_rows(diff, significance, bad, noise.systematics, rows, threshold,
+                               min_sep, radius, per_filtered)
     n_point = len(rows)
     halo = _saturation_halo(diff.mask, int(np.ceil(HALO_FWHM * fwhm))) if rows else None
     if halo is not None:

@@ -75,6 +75,13 @@ logger = logging.getLogger(__name__)
 #: with the difference's variance) at least this.  Fainter ones carry no
 #: information about a ~1 % error (their own noise is above 1/SNR).
 MIN_SOURCE_SNR = 100.0
+#: A sparse image, with fewer than :data:`SPARSE_SOURCES` scene sources above
+#: :data:`MIN_SOURCE_SNR`, is measured on its brightest ``SPARSE_SOURCES``
+#: above this S/N instead.  They add little to ``eps`` (their weight falls as
+#: their noise grows) but they give the clipping more static sources to
+#: tell the variable ones from.
+SPARSE_SOURCE_SNR = 30.0
+SPARSE_SOURCES = 20
 #: A source whose amplitude is beyond this many sigma (its noise and the
 #: systematic scatter combined) is an outlier (a variable star, or a transient
 #: on a star) and is left out of the fit (:func:`random_effect`).
