@@ -193,13 +193,15 @@ def binned_significance(image: np.ndarray, variance: np.ndarray, psf: np.ndarray
 
     ``f = 2`` for images of at least ``min_size`` pixels on a side, else 1;
     peak positions in the result times ``f`` are (to within ``f``) full-resolution
-    positions.  Returns ``(significance, f)``.
+    positions.  ``bad`` pixels and non-finite image values count as 0.
+    Returns ``(significance, f)``.
     """
     f = 2 if min(image.shape) >= min_size else 1
     if f > 1:
         psf = bin_sum(np.pad(psf, ((0, 1), (0, 1))), f)
         psf = np.pad(psf, ((0, 1), (0, 1))) if psf.shape[0] % 2 == 0 else psf
-    img = np.where(bad, np.float32(0), np.asarray(image, np.float32))
+    image = np.asarray(image, np.float32)
+    img = np.where(bad | ~np.isfinite(image), np.float32(0), image)
     var = np.where(bad, np.float32(0), np.asarray(variance, np.float32))
     return significance_image(bin_sum(img, f), bin_sum(var, f), psf, bin_sum(bad, f)), f
 
@@ -234,8 +236,7 @@ def bright_peaks(scene: np.ndarray, variance: np.ndarray, psf: np.ndarray, bad: 
     count the same light twice.  Returns an ``(n, 2)`` int array.
     """
     if significance is None:  # (refine_binned_peak itself skips non-finite values)
-        significance = binned_significance(np.where(np.isfinite(scene), scene, 0), variance,
-                                           psf, bad)
+        significance = binned_significance(scene, variance, psf, bad)
     sig, f = significance
     peaks, pos, _ = label_peaks(sig, min_snr)
     fwhm = moments_fwhm(psf)
@@ -456,8 +457,7 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
         return terms
     _check_scene(diff, scene)
     bad = _bad_pixels(diff)
-    scene_sig = binned_significance(np.where(np.isfinite(scene), scene, 0), diff.variance,
-                                    diff.psf.at(), bad)
+    scene_sig = binned_significance(scene, diff.variance, diff.psf.at(), bad)
     xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad, significance=scene_sig)
     if len(xy) < SPARSE_SOURCES:
         xy = bright_peaks(scene, diff.variance, diff.psf.at(), bad, min_snr=SPARSE_SOURCE_SNR,
