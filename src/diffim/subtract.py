@@ -58,8 +58,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy.interpolate import RegularGridInterpolator
 from scipy import signal
+from scipy.interpolate import RegularGridInterpolator
 
 from . import masks
 from .errors import InsufficientKernelSourcesError
@@ -289,8 +289,10 @@ def select_kernel_candidates(reference: Exposure, other: Exposure, *, half: int,
     wings every star brighter than S/N ~300 was lost), and the stamp need not
     hold all of a source.  The
     image is divided into square cells of ``cell_size`` pixels (at least
-    3 x 3) and the brightest candidates of each cell are taken, at most
-    ``ceil(max_candidates / n_cells)`` per cell, so they spread over the field.
+    3 x 3) and the brightest point-like candidates of each cell are taken
+    (no broader than the stars, :class:`_CandidateSizes`: galaxies are left
+    out), at most ``ceil(max_candidates / n_cells)`` per cell, so they
+    spread over the field.
     ``bad``, when given, replaces the unusable-pixel image computed from both
     masks (:data:`diffim.masks.BAD_FOR_FIT`) and non-finite values;
     ``significance``, when given, is the ``(map, binning)`` of
@@ -351,12 +353,9 @@ SIZE_NOISE_SNR = 3.0
 #: Smallest size excess (fraction of the stars' FWHM) that marks a kernel
 #: candidate as extended, however bright.
 MIN_SIZE_EXCESS = 0.05
-#: Candidates at least this significant set the stars' size.
+#: The stars' size is the median over the (at most) :data:`SIZE_REFERENCE_COUNT`
+#: brightest candidates of peak significance >= :data:`SIZE_REFERENCE_SNR`.
 SIZE_REFERENCE_SNR = 50.0
-
-
-#: The stars' size is the median over the (at most) this many brightest
-#: candidates of peak significance >= :data:`SIZE_REFERENCE_SNR`.
 SIZE_REFERENCE_COUNT = 50
 
 
@@ -373,9 +372,10 @@ class _CandidateSizes:
     SIZE_NOISE_SNR / snr``, or no measurable size.  A galaxy constrains the
     kernel's outer parts through its own extent and may host a transient: on
     the independent simulator, where about 40 % of the kernel candidates were
-    galaxies, one sharp visit's kernel came out with a sum of 0.91 and 30 % of
-    its flux beyond 6 px (stars only: 0.996, compact).  Sizes are measured
-    lazily (a crowded 4k image has thousands of candidates, ~2 ms each).
+    galaxies, one sharp visit's kernel came out with a sum of 0.91 and about
+    30 % of its flux beyond 6 px (stars only: 0.99, compact).  Sizes are
+    measured lazily: a crowded 4k image has thousands of candidates (~2.5 ms
+    each), of which a few hundred are needed.
     """
 
     def __init__(self, img, psf: PsfModel, xy: np.ndarray, snr: np.ndarray):
