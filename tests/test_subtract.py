@@ -456,6 +456,7 @@ def test_nearly_equal_psfs_pick_the_direction_that_keeps_flux():
     assert auto.kernel_sum == {"convolve_science": by_sci,
                                "convolve_template": by_tmpl}[auto.mode].kernel_sum
     assert err[auto.mode] <= min(err.values()) + sub.MODE_KERNEL_SUM_MARGIN, err
+    assert auto.noise_ratio == pytest.approx(1.0, abs=0.05)
 
 
 def test_pick_mode_rules():
