@@ -564,16 +564,21 @@ def _solve_global(G, h, p, r, nb):
     return full[:nb * nq].reshape(nb, nq), full[nb * nq:]
 
 
-def _stamp_products(G, h, coef, bg, p, r) -> tuple[np.ndarray, np.ndarray]:
+def _stamp_products(G, h, coef, bg, p, r, g_signal=None):
     """``<B, M>`` and ``<M, M>`` of every stamp for the global solution.
 
     ``M`` is the stamp's model (``k (x) A + bg``) and ``<.,.>`` the weighted
-    inner product of the stamp's normal equations (``h``, ``G``).
+    inner product of the stamp's normal equations (``h``, ``G``).  With
+    ``g_signal`` (the de-biased normal matrices) a third array, ``<M, M>``
+    from those, is returned too.
     """
     theta = np.einsum("ks,is->ik", coef, p)
     if r.shape[1]:
         theta = np.hstack([theta, (r @ bg)[:, None]])
-    return np.einsum("ik,ik->i", theta, h), np.einsum("ik,ikl,il->i", theta, G, theta)
+    out = (np.einsum("ik,ik->i", theta, h), np.einsum("ik,ikl,il->i", theta, G, theta))
+    if g_signal is None:
+        return out
+    return out + (np.einsum("ik,ikl,il->i", theta, g_signal, theta),)
 
 
 def _stamp_chi2(G, h, ywy, npix, coef, bg, p, r, nb):
@@ -693,8 +698,11 @@ def _fit_stamps(G, h, ywy, npix, p, r, nb, *, n_sigma_clip, max_iter, min_stamps
                 f"Only {int(use.sum())} usable kernel stamps remain after rejecting outliers, "
                 f"fewer than the {min_stamps} needed for the PSF-matching kernel fit.")
         coef, bg = _solve_global(g_fit[use], h[use], p[use], r[use], nb)
-        bm, mm = _stamp_products(G, h, coef, bg, p, r)
-        mm_signal = mm if g_fit is G else _stamp_products(g_fit, h, coef, bg, p, r)[1]
+        if g_fit is G:
+            bm, mm = _stamp_products(G, h, coef, bg, p, r)
+            mm_signal = mm
+        else:
+            bm, mm, mm_signal = _stamp_products(G, h, coef, bg, p, r, g_signal=g_fit)
         chi2 = (ywy - 2.0 * bm + mm) / npix
         bad = _outlier_stamps(chi2, npix, bm, mm, mm_signal, use, n_sigma_clip)
         if not bad.any():
