@@ -194,7 +194,8 @@ def test_or_window_with_fill():
 def test_match_exposure_masks_and_nan():
     psf = PsfModel.constant(visit_psf(3.0), width=120, height=100)
     target = gaussian_kernel(MODEL_FWHM, K)
-    exposure = exposure_with_stars(psf, [(60, 50), (95, 30)])
+    stars = [(60, 50), (95, 30), (48, 80)]
+    exposure = exposure_with_stars(psf, stars)
     exposure.image[20, 30] = np.nan                   # NaN without a mask bit
     exposure.mask[70, 90] |= bit("BAD")               # on empty sky
     exposure.image[70, 90] = 5e4                      # garbage under BAD
@@ -202,6 +203,8 @@ def test_match_exposure_masks_and_nan():
     exposure.image[30, 95] = 0.0
     exposure.mask[80, 20] |= bit("NO_DATA")
     exposure.image[80, 20] = 1e30                     # garbage under NO_DATA
+    exposure.image[80, 50] = np.nan                   # NaN 2 px from a star's centre
+    exposure.image[:, 116:] = np.nan                  # no data along the right edge
     kernel = matching_kernel_model(psf, target)
     h = kernel_footprint_halfwidth(kernel)
     assert 2 <= h <= 6      # 1 % of sum|K| for a ~4 px FWHM kernel
@@ -211,23 +214,53 @@ def test_match_exposure_masks_and_nan():
     # a BAD pixel is inpainted, not grown by the footprint: on empty sky its
     # estimate (0) is exact and only the pixel itself keeps the bit ...
     assert bad[60:81, 80:101].sum() == 1 and bad[70, 90]
-    assert np.abs(matched.image[65:76, 85:96]).max() < 1e-6      # garbage did not leak
+    assert np.abs(matched.image[65:76, 85:96]).max() < 1e-4      # garbage (5e4) did not leak
     # ... on a star the estimate is off (the peak pixel lost 6 % of the flux):
     # the bit covers every pixel that error moved by more than 0.1 sigma
-    clean = exposure_with_stars(psf, [(60, 50), (95, 30)])
+    clean = exposure_with_stars(psf, stars)
     truth = match_exposure(clean, target, kernel_model=kernel)
     sigma = np.sqrt(truth.variance)
     moved = np.abs(np.nan_to_num(matched.image - truth.image)) > 0.1 * sigma
     moved[60:81, 80:101] = False                   # (the sky pixel, checked above)
-    assert moved.sum() > 5 and bad[moved].all()
-    assert nodata[20 - h:21 + h, 30 - h:31 + h].all()
-    assert nodata[80 - h:81 + h, 20 - h:21 + h].all()
-    assert nodata[:h].all() and nodata[:, -h:].all() and not nodata[h:-h, h:-h].all()
+    moved[:, 116 - h:] = False                     # (the no-data edge, below)
+    assert moved.sum() > 5 and (bad | nodata)[moved].all()
+    # NaN / NO_DATA pixels inside the image are inpainted in the same way: on
+    # empty sky only the pixel itself has no data, on a star as far as the error reaches
+    assert nodata[15:26, 25:36].sum() == 1 and nodata[20, 30]
+    assert nodata[75:86, 15:26].sum() == 1 and nodata[80, 20]
+    assert nodata[75:86, 43:54].sum() > 5 and nodata[80, 50]
+    # the no-data area around the image is grown by the kernel footprint
+    assert nodata[:, 116 - h:].all() and not nodata[h:-h, h:116 - h - 1].all()
+    assert nodata[:h].all()
     # NaN exactly where NO_DATA; the garbage value did not leak
     np.testing.assert_array_equal(np.isnan(matched.image), nodata)
     assert np.nanmax(np.abs(matched.image)) < 1000.0
     # the star away from the masked pixels is intact
     assert stamp(matched.image, 60, 50).sum() == pytest.approx(1000.0, rel=0.005)
+
+
+def test_nan_holes_and_the_inpainting_bound_of_a_block():
+    """Interior no-data pixels within HOLE_DEPTH of data are holes to inpaint; a block's
+    interior takes its error bound from the nearest ring of good pixels."""
+    from diffim.kernel import HOLE_DEPTH, inpaint_error, nan_holes
+
+    nd = np.zeros((60, 60), bool)
+    nd[:, :4] = True                     # along the border: never a hole
+    nd[10, 20] = True                    # one pixel
+    nd[30:39, 30:39] = True              # a 9 x 9 block: its centre is 4 px from data
+    holes = nan_holes(nd)
+    assert not holes[:, :4].any() and holes[10, 20]
+    yy, xx = np.mgrid[:9, :9]
+    depth = np.minimum.reduce([yy, xx, 8 - yy, 8 - xx]) + 1     # px to the nearest data
+    np.testing.assert_array_equal(holes[30:39, 30:39], depth <= HOLE_DEPTH)
+    image = np.zeros((60, 60))
+    image[34, 39] = 100.0                # the good pixel right of the block's row 34
+    err = inpaint_error(image, nd)
+    assert err[34, 38] == pytest.approx(200.0)            # next to it (3 x 3)
+    assert err[34, 37] == pytest.approx(200.0)            # 2 px away, no good 3 x 3 neighbour
+    assert HOLE_DEPTH == 3 and err[34, 36] == pytest.approx(200.0)
+    assert err[34, 35] == 0.0                             # 4 px: beyond HOLE_DEPTH
+    assert err[34, 31] == 0.0 and err[~nd].max() == 0.0
 
 
 def test_grow_mask_box():

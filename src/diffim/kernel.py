@@ -34,7 +34,8 @@ linearity the sum costs ``n_terms`` forward FFTs and a single inverse FFT.  Pixe
 Masks
 -----
 NaN pixels and pixels with a bit in ``fill_bits`` (default ``NO_DATA``) are
-replaced by 0 before convolving.  Every mask bit is then grown over the
+replaced by 0 before convolving, except the holes inside the image
+(:func:`nan_holes`), which are inpainted like bad pixels (below).  Every mask bit is then grown over the
 bounding box of the kernel's *significant* footprint (pixels holding more than
 ``mask_threshold`` = 1 % of ``sum |K|`` anywhere in the field), and the area
 outside the image counts as ``NO_DATA``, so a border of that half-width is
@@ -624,6 +625,10 @@ INPAINTED_PLANES = ("BAD", "CR")
 INPAINT_BOUND = 2.0
 #: Gaussian sigma (pixels) of the weights that :func:`inpaint` averages with.
 INPAINT_SIGMA = 1.5
+#: NaN pixels inside an image farther than this (pixels) from data are not
+#: inpainted (:func:`nan_holes`): the bound of :func:`inpaint_error` looks
+#: this far for a neighbour.
+HOLE_DEPTH = 3
 
 
 def inpaint(image: np.ndarray, bad: np.ndarray, *, sigma: float = INPAINT_SIGMA) -> np.ndarray:
@@ -646,6 +651,24 @@ def inpaint(image: np.ndarray, bad: np.ndarray, *, sigma: float = INPAINT_SIGMA)
     return out
 
 
+def nan_holes(no_data: np.ndarray, depth: int = HOLE_DEPTH) -> np.ndarray:
+    """The no-data pixels that :func:`inpaint` can fill: inside the image, near good data.
+
+    Pixels of regions that do not touch the image border
+    (:func:`diffim.masks.interior_islands`) within ``depth`` pixels
+    (Chebyshev) of a pixel with data; the interior of a larger block and the
+    no-data area around an image are left out.
+    """
+    from .masks import interior_islands
+
+    islands = interior_islands(no_data)
+    if not islands.any():
+        return islands
+    deep = ndimage.binary_erosion(no_data, structure=np.ones((3, 3), bool),
+                                  iterations=depth, border_value=1)
+    return islands & ~deep
+
+
 def inpaint_error(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """Bound on ``|true - inpainted|`` at ``bad`` pixels (0 elsewhere), image units.
 
@@ -654,11 +677,21 @@ def inpaint_error(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
     underestimates a peak: inpainted, the central pixel of a star of FWHM 3 px
     lost 6 % of the star's flux (the estimate was 0.4 of the true value).  A
     sampled PSF (FWHM >= 2 px) is at most ~2 times its brightest neighbour at
-    the peak, so the bound holds there and on smooth sky alike.
+    the peak, so the bound holds there and on smooth sky alike.  A pixel
+    with no good neighbour (inside a block) takes the nearest ring of good
+    pixels, up to :data:`HOLE_DEPTH` pixels away.
     """
-    bad = np.asarray(bad, dtype=bool)
-    good_abs = np.where(bad | ~np.isfinite(image), 0, np.abs(image)).astype(np.float32)
+    bad = np.asarray(bad, dtype=bool) | ~np.isfinite(image)
+    good_abs = np.where(bad, 0, np.abs(image)).astype(np.float32)
     nbr = ndimage.maximum_filter(good_abs, size=3, mode="constant")
+    inner = ndimage.binary_erosion(bad, structure=np.ones((3, 3), bool), border_value=1)
+    for depth in range(2, HOLE_DEPTH + 1):
+        if not inner.any():
+            break
+        wider = ndimage.maximum_filter(good_abs, size=2 * depth + 1, mode="constant")
+        nbr[inner] = wider[inner]
+        inner &= ndimage.binary_erosion(bad, structure=np.ones((3, 3), bool),
+                                        iterations=depth, border_value=1)
     return np.where(bad, np.float32(INPAINT_BOUND) * nbr, np.float32(0))
 
 
@@ -749,15 +782,20 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
                                              regularization=regularization)
     fill = (exposure.mask & bits(*fill_bits)) != 0 if fill_bits else None
     fill = ~np.isfinite(exposure.image) if fill is None else fill | ~np.isfinite(exposure.image)
-    patched = (exposure.mask & bits(*INPAINTED_PLANES)) != 0
+    # NaN pixels inside the image are inpainted like bad pixels; only the
+    # no-data area around it (and block interiors) is zero-filled and grown
+    holes = nan_holes(fill)
+    fill &= ~holes
+    patched = ((exposure.mask & bits(*INPAINTED_PLANES)) != 0) | holes
     data = inpaint(exposure.image, patched | fill)
     image = convolve_spatially_varying(data, kernel_model, fill_mask=fill)
     variance = convolve_variance(inpaint(exposure.variance, patched | fill), kernel_model,
                                  fill_mask=fill)
-    base_mask = (exposure.mask | np.where(fill, bit("NO_DATA"), 0)).astype(MASK_DTYPE)
-    # inpainted planes are not grown by the footprint: their pixels hold an
-    # estimate, and their bits spread only as far as its error reaches (below)
-    inpainted = np.int32(bits(*INPAINTED_PLANES))
+    base_mask = (exposure.mask | np.where(fill | holes, bit("NO_DATA"), 0)).astype(MASK_DTYPE)
+    # inpainted pixels are not grown by the footprint: they hold an estimate,
+    # and their bits spread only as far as its error reaches (below)
+    inpainted = np.where(patched, np.int32(bits(*INPAINTED_PLANES, "NO_DATA")),
+                         np.int32(bits(*INPAINTED_PLANES)))
     mask = grow_mask(base_mask & ~inpainted,
                      kernel_footprint_halfwidth(kernel_model, threshold=mask_threshold))
     mask |= base_mask & inpainted
@@ -767,7 +805,8 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     doubt[fill] = 0.0
     with np.errstate(invalid="ignore"):
         sigma = np.sqrt(np.maximum(variance, 0))
-    mask = spread_by_influence(mask, doubt, sigma, kernel_envelope(kernel_model))
+    mask = spread_by_influence(mask, doubt, sigma, kernel_envelope(kernel_model),
+                               planes=UNTRUSTED_PLANES + (("NO_DATA",) if holes.any() else ()))
     nodata = (mask & bit("NO_DATA")) != 0
     image[nodata] = np.nan
     variance[nodata] = np.nan

@@ -44,7 +44,9 @@ Overview of :func:`subtract_images`
 
 Masked pixels: pixels of ``A`` that are unusable are zero-filled before the
 convolution and their mask bits are grown by the kernel's 99 % footprint
-radius + 1 (:func:`footprint_radius`).  In the
+radius + 1 (:func:`footprint_radius`); cosmic rays, bad pixels and NaN
+pixels inside the image only as far as the light they hide reaches
+(:func:`_flux_grown`, :func:`_hidden_flux_reach`).  In the
 difference, ``NO_DATA`` / ``NO_TEMPLATE`` pixels (and a border strip of that
 width, where the convolution is incomplete, flagged
 ``NO_DATA | EDGE``) are NaN; ``BAD`` / ``SAT`` / ``CR`` pixels are set to 0 (they
@@ -1224,24 +1226,46 @@ def footprint_radius(kernel: np.ndarray, frac: float = 0.99) -> int:
     return h
 
 
+def _flux_grown(name: str, flag: np.ndarray, islands: np.ndarray | None) -> np.ndarray | None:
+    """The pixels of plane ``name`` (``flag``) grown only as far as their hidden flux reaches.
+
+    All of a :data:`_FLUX_GROWN_PLANES` plane, and for ``NO_DATA`` its
+    ``islands`` (:func:`diffim.masks.interior_islands`: NaN pixels or blocks
+    inside the detector, zero-filled like a bad pixel; the no-data area
+    around the image keeps the whole footprint).  None when there are none.
+    """
+    if name in _FLUX_GROWN_PLANES:
+        return flag
+    if name == "NO_DATA" and islands is not None and islands.any():
+        return islands
+    return None
+
+
 def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, hk: int,
-                     reach: np.ndarray | None = None):
+                     reach: np.ndarray | None = None, islands: np.ndarray | None = None):
     """OR of the input masks (DETECTED planes dropped) with ``A``'s bad planes grown.
 
     :data:`_GROWN_PLANES` are grown by ``hk`` pixels, except that with
-    ``reach`` (:func:`_hidden_flux_reach`) the :data:`_FLUX_GROWN_PLANES` are
-    grown by :data:`MIN_GROW` pixels plus, within ``hk``, where ``reach`` is
-    True.
+    ``reach`` (:func:`_hidden_flux_reach`) the pixels :func:`_flux_grown`
+    names are grown by :data:`MIN_GROW` pixels plus, within ``hk``, where
+    ``reach`` is True.  An isolated NaN pixel of a 4k science image grown by
+    the whole footprint hid a 33 x 33 px box; 43 of them (an independent
+    simulator's float32 visits) hid up to 24 % of the difference.
     """
     mask = (science.mask | template.mask) & ~masks.bits(*_DROPPED_PLANES)
     for name in _GROWN_PLANES:
         flag = masks.any_set(a_mask, name)
-        if flag.any():
+        if not flag.any():
+            continue
+        partial = None if reach is None else _flux_grown(name, flag, islands)
+        if partial is None:
             grown = dilate(flag, hk)
-            if reach is not None and name in _FLUX_GROWN_PLANES:
-                grown &= reach
-                grown |= dilate(flag, MIN_GROW)
-            mask |= np.where(grown, masks.bit(name), 0).astype(mask.dtype)
+        else:
+            grown = dilate(partial, hk) & reach
+            grown |= dilate(partial, MIN_GROW)
+            if partial is not flag:
+                grown |= dilate(flag & ~partial, hk)
+        mask |= np.where(grown, masks.bit(name), 0).astype(mask.dtype)
     ny, nx = mask.shape
     border = np.zeros(mask.shape, dtype=bool)
     border[:hk], border[ny - hk:], border[:, :hk], border[:, nx - hk:] = True, True, True, True
@@ -1249,8 +1273,9 @@ def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, 
     return mask
 
 
-def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure) -> np.ndarray | None:
-    """Where the flux hidden under ``A``'s cosmic rays and bad pixels reaches through the kernel.
+def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure,
+                       islands: np.ndarray | None = None) -> np.ndarray | None:
+    """Where the flux hidden under ``A``'s cosmic rays, bad and NaN pixels reaches through the kernel.
 
     The convolved image ``A`` is zero-filled (= sky) on its masked pixels, so
     a pixel ``x`` of the difference misses ``sum_p k(x - p) A(p)`` over them.
@@ -1264,6 +1289,8 @@ def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure) -> n
     None when ``A`` has no such pixel.
     """
     flag = masks.any_set(a_mask, *_FLUX_GROWN_PLANES)
+    if islands is not None:
+        flag |= islands
     if not flag.any():
         return None
     sd = np.sqrt(np.maximum(b.variance, 0), dtype=np.float32)
@@ -1534,7 +1561,10 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     resid = b.image - conv
     del conv
     hg = min(hk, footprint_radius(kc) + 1)
-    mask = _difference_mask(science, template, a.mask, hg, _hidden_flux_reach(a.mask, kc, b))
+    islands = masks.interior_islands(masks.any_set(a.mask, "NO_DATA"))
+    mask = _difference_mask(science, template, a.mask, hg,
+                            _hidden_flux_reach(a.mask, kc, b, islands), islands)
+    del islands
     nan_pix = masks.any_set(mask, *_NAN_PLANES)
     zero_pix = masks.any_set(mask, *_ZERO_PLANES) | nan_pix | ~np.isfinite(resid)
     background = np.asarray(fit.background, dtype=float)
