@@ -192,6 +192,8 @@ def test_or_window_with_fill():
 
 
 def test_match_exposure_masks_and_nan():
+    from diffim.kernel import HOLE_DEPTH
+
     psf = PsfModel.constant(visit_psf(3.0), width=120, height=100)
     target = gaussian_kernel(MODEL_FWHM, K)
     stars = [(60, 50), (95, 30), (48, 80)]
@@ -204,7 +206,7 @@ def test_match_exposure_masks_and_nan():
     exposure.mask[80, 20] |= bit("NO_DATA")
     exposure.image[80, 20] = 1e30                     # garbage under NO_DATA
     exposure.image[80, 50] = np.nan                   # NaN 2 px from a star's centre
-    exposure.image[:, 116:] = np.nan                  # no data along the right edge
+    exposure.image[:, 110:] = np.nan                  # no data along the right edge
     kernel = matching_kernel_model(psf, target)
     h = kernel_footprint_halfwidth(kernel)
     assert 2 <= h <= 6      # 1 % of sum|K| for a ~4 px FWHM kernel
@@ -222,15 +224,17 @@ def test_match_exposure_masks_and_nan():
     sigma = np.sqrt(truth.variance)
     moved = np.abs(np.nan_to_num(matched.image - truth.image)) > 0.1 * sigma
     moved[60:81, 80:101] = False                   # (the sky pixel, checked above)
-    moved[:, 116 - h:] = False                     # (the no-data edge, below)
+    moved[:, 110 - h:] = False                     # (the no-data edge, below)
     assert moved.sum() > 5 and (bad | nodata)[moved].all()
-    # NaN / NO_DATA pixels inside the image are inpainted in the same way: on
-    # empty sky only the pixel itself has no data, on a star as far as the error reaches
+    # NaN / NO_DATA pixels within HOLE_DEPTH of data are inpainted in the same way:
+    # on empty sky only the pixel itself has no data, on a star as far as the error reaches
     assert nodata[15:26, 25:36].sum() == 1 and nodata[20, 30]
     assert nodata[75:86, 15:26].sum() == 1 and nodata[80, 20]
     assert nodata[75:86, 43:54].sum() > 5 and nodata[80, 50]
-    # the no-data area around the image is grown by the kernel footprint
-    assert nodata[:, 116 - h:].all() and not nodata[h:-h, h:116 - h - 1].all()
+    # a wider no-data area is grown by the kernel footprint beyond its rim
+    deep = 110 + HOLE_DEPTH
+    assert nodata[:, 110:].all() and nodata[:, deep - h:].all()
+    assert not nodata[h:-h, h:deep - h - 1].all()
     assert nodata[:h].all()
     # NaN exactly where NO_DATA; the garbage value did not leak
     np.testing.assert_array_equal(np.isnan(matched.image), nodata)
@@ -240,16 +244,18 @@ def test_match_exposure_masks_and_nan():
 
 
 def test_nan_holes_and_the_inpainting_bound_of_a_block():
-    """Interior no-data pixels within HOLE_DEPTH of data are holes to inpaint; a block's
+    """No-data pixels within HOLE_DEPTH of data are holes to inpaint; a block's
     interior takes its error bound from the nearest ring of good pixels."""
     from diffim.kernel import HOLE_DEPTH, inpaint_error, nan_holes
 
     nd = np.zeros((60, 60), bool)
-    nd[:, :4] = True                     # along the border: never a hole
+    nd[:, :5] = True                     # along the border: a hole along its rim
     nd[10, 20] = True                    # one pixel
+    nd[:, 50] = True                     # a column through the image
     nd[30:39, 30:39] = True              # a 9 x 9 block: its centre is 4 px from data
     holes = nan_holes(nd)
-    assert not holes[:, :4].any() and holes[10, 20]
+    assert holes[:, 2:5].all() and not holes[:, :2].any()
+    assert holes[10, 20] and holes[:, 50].all()
     yy, xx = np.mgrid[:9, :9]
     depth = np.minimum.reduce([yy, xx, 8 - yy, 8 - xx]) + 1     # px to the nearest data
     np.testing.assert_array_equal(holes[30:39, 30:39], depth <= HOLE_DEPTH)

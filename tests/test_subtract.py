@@ -587,10 +587,12 @@ def test_cosmic_rays_grow_only_as_far_as_the_flux_they_hide():
 
 
 def test_nan_pixels_inside_the_science_image_hide_only_what_they_cover():
-    """NaN pixels of the convolved image inside the detector are zero-filled like bad
-    pixels: on empty sky the difference loses them and MIN_GROW px around them, not the
-    kernel's whole footprint (a 33 x 33 px box each before); beside a star, as far as its
-    hidden light reaches.  The no-data area around the image keeps the full growth."""
+    """NaN pixels and columns of the convolved image are zero-filled like bad pixels: on
+    empty sky the difference loses them and MIN_GROW px around them, not the kernel's
+    whole footprint (a 33 x 33 px box each before); beside a star, as far as its hidden
+    light reaches.  A wider no-data area keeps the full growth beyond its rim."""
+    from diffim.kernel import HOLE_DEPTH
+
     n = 512
     sci, tmpl, truth = make_pair(n=n, seed=21, sci_fwhm=3.0, dfwhm=0.3, tmpl_fwhm=4.5,
                                  n_static=150, transients=False)
@@ -598,12 +600,13 @@ def test_nan_pixels_inside_the_science_image_hide_only_what_they_cover():
     assert clean.mode == "convolve_science"
     sx, sy, sf = truth["static"]
     far = source_free(n, truth, radius=25)
-    grid = range(60, n - 60, 20)
-    holes = [(x, y) for y in grid for x in grid if far[y, x]][::7][:4]
-    assert len(holes) == 4
     bright = int(np.argmax(np.where((sx > 60) & (sx < n - 60) & (sy > 60) & (sy < n - 60),
                                     sf, 0)))
     bx, by = int(round(sx[bright])), int(round(sy[bright]))
+    col = 400 if abs(bx - 400) > 30 else 140              # a NaN column, top to bottom
+    grid = range(60, n - 60, 20)
+    holes = [(x, y) for y in grid for x in grid if far[y, x] and abs(x - col) > 20][::7][:4]
+    assert len(holes) == 4
     img, mask = sci.image.copy(), sci.mask.copy()
     nodata = masks.bit("NO_DATA")
     for x, y in holes:
@@ -611,8 +614,10 @@ def test_nan_pixels_inside_the_science_image_hide_only_what_they_cover():
         mask[y, x] |= nodata
     img[by, bx + 2:bx + 4] = np.nan                     # two NaN pixels on a bright star
     mask[by, bx + 2:bx + 4] |= nodata
-    img[:, :6] = np.nan                                 # a no-data strip along the border
-    mask[:, :6] |= nodata
+    img[:, col] = np.nan
+    mask[:, col] |= nodata
+    img[:, :12] = np.nan                                # a 12 px no-data strip at the border
+    mask[:, :12] |= nodata
     r = sub.subtract_images(Exposure(img, sci.variance, mask, psf=sci.psf), tmpl)
     assert r.mode == "convolve_science"
     nd = masks.any_set(r.difference.mask, "NO_DATA")
@@ -622,9 +627,15 @@ def test_nan_pixels_inside_the_science_image_hide_only_what_they_cover():
         assert nd[y, x] and np.isnan(r.difference.image[y, x])
     # the star's hidden light reaches beyond MIN_GROW, so the NaN area there is larger
     assert nd[by - 20:by + 21, bx - 20:bx + 24].sum() > (2 * sub.MIN_GROW + 2) ** 2
-    # the border strip keeps the kernel's footprint: 6 px of no data plus hk
+    # the column: 2 MIN_GROW + 1 px wide where it crosses empty sky
+    rows = np.flatnonzero(far[:, col - 12:col + 13].all(axis=1))
+    assert rows.size > 50
+    width = nd[rows, col - 12:col + 13].sum(axis=1)
+    assert np.all(width == 2 * sub.MIN_GROW + 1), np.unique(width)
+    # the strip's pixels farther than HOLE_DEPTH from data keep the kernel's footprint
     hk = min(r.kernel.size // 2, sub.footprint_radius(r.kernel.at()) + 1)
-    assert nd[256, 6 + hk - 1] and not nd[256, 6 + hk + 2]
+    deep = 12 - HOLE_DEPTH
+    assert nd[:, :12].all() and nd[256, deep + hk - 1] and not nd[256, deep + hk + 1]
     # elsewhere the difference is the clean one, up to the kernel refit (< 0.1 sigma on sky)
     ok = far & ~nd & np.isfinite(clean.difference.image)
     dz = (r.difference.image - clean.difference.image)[ok] / np.sqrt(clean.difference.variance[ok])

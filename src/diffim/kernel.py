@@ -34,8 +34,9 @@ linearity the sum costs ``n_terms`` forward FFTs and a single inverse FFT.  Pixe
 Masks
 -----
 NaN pixels and pixels with a bit in ``fill_bits`` (default ``NO_DATA``) are
-replaced by 0 before convolving, except the holes inside the image
-(:func:`nan_holes`), which are inpainted like bad pixels (below).  Every mask bit is then grown over the
+replaced by 0 before convolving, except those within 3 px of data
+(:func:`nan_holes`: NaN pixels, columns and small blocks), which are
+inpainted like bad pixels (below).  Every mask bit is then grown over the
 bounding box of the kernel's *significant* footprint (pixels holding more than
 ``mask_threshold`` = 1 % of ``sum |K|`` anywhere in the field), and the area
 outside the image counts as ``NO_DATA``, so a border of that half-width is
@@ -625,8 +626,8 @@ INPAINTED_PLANES = ("BAD", "CR")
 INPAINT_BOUND = 2.0
 #: Gaussian sigma (pixels) of the weights that :func:`inpaint` averages with.
 INPAINT_SIGMA = 1.5
-#: NaN pixels inside an image farther than this (pixels) from data are not
-#: inpainted (:func:`nan_holes`): the bound of :func:`inpaint_error` looks
+#: No-data pixels farther than this (pixels) from data are not treated like
+#: bad pixels (:func:`nan_holes`): the bound of :func:`inpaint_error` looks
 #: this far for a neighbour.
 HOLE_DEPTH = 3
 
@@ -652,21 +653,20 @@ def inpaint(image: np.ndarray, bad: np.ndarray, *, sigma: float = INPAINT_SIGMA)
 
 
 def nan_holes(no_data: np.ndarray, depth: int = HOLE_DEPTH) -> np.ndarray:
-    """The no-data pixels that :func:`inpaint` can fill: inside the image, near good data.
+    """The no-data pixels that can be treated like bad pixels: within ``depth`` px of data.
 
-    Pixels of regions that do not touch the image border
-    (:func:`diffim.masks.interior_islands`) within ``depth`` pixels
-    (Chebyshev) of a pixel with data; the interior of a larger block and the
-    no-data area around an image are left out.
+    Chebyshev distance; NaN pixels, NaN columns and small NaN blocks are
+    holes throughout, a larger no-data area (beyond the image, a dead
+    amplifier) only along its rim.  Its deeper pixels are zero-filled and
+    their mask grown by the kernel's footprint, as the area outside the
+    image is.
     """
-    from .masks import interior_islands
-
-    islands = interior_islands(no_data)
-    if not islands.any():
-        return islands
+    no_data = np.asarray(no_data, dtype=bool)
+    if not no_data.any():
+        return no_data.copy()
     deep = ndimage.binary_erosion(no_data, structure=np.ones((3, 3), bool),
                                   iterations=depth, border_value=1)
-    return islands & ~deep
+    return no_data & ~deep
 
 
 def inpaint_error(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -782,8 +782,8 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
                                              regularization=regularization)
     fill = (exposure.mask & bits(*fill_bits)) != 0 if fill_bits else None
     fill = ~np.isfinite(exposure.image) if fill is None else fill | ~np.isfinite(exposure.image)
-    # NaN pixels inside the image are inpainted like bad pixels; only the
-    # no-data area around it (and block interiors) is zero-filled and grown
+    # NaN pixels, columns and small blocks are inpainted like bad pixels; only
+    # larger no-data areas (beyond their rim) are zero-filled and grown
     holes = nan_holes(fill)
     fill &= ~holes
     patched = ((exposure.mask & bits(*INPAINTED_PLANES)) != 0) | holes

@@ -69,23 +69,6 @@ def any_set(mask: np.ndarray, *names: str) -> np.ndarray:
     return (mask & bits(*names)) != 0
 
 
-def interior_islands(flag: np.ndarray) -> np.ndarray:
-    """The True pixels of ``flag`` whose connected region (8-connected) does not touch the border.
-
-    E.g. NaN pixels and small NaN blocks inside a detector, as opposed to
-    the no-data area around an image or beyond a chip edge.
-    """
-    from scipy import ndimage
-
-    flag = np.asarray(flag, dtype=bool)
-    if not flag.any():
-        return flag.copy()
-    labels, _ = ndimage.label(flag, structure=np.ones((3, 3), bool))
-    rim = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    touching = np.unique(rim[rim > 0])
-    return flag & ~np.isin(labels, touching)
-
-
 def header_cards() -> list[tuple[str, str, str]]:
     """FITS cards ``(MSKBITn, NAME, comment)`` describing every mask plane.
 

@@ -66,7 +66,7 @@ from scipy.interpolate import RegularGridInterpolator
 from . import masks
 from .errors import InsufficientKernelSourcesError
 from .exposure import Exposure
-from .kernel import FourierImage, dilate, fft_convolve
+from .kernel import FourierImage, dilate, fft_convolve, nan_holes
 from .psf import FWHM_PER_SIGMA, PsfModel, moments_fwhm, n_poly_terms, poly_terms
 from .residuals import random_effect, scale_amplitudes
 from .stats import robust_std
@@ -1226,23 +1226,23 @@ def footprint_radius(kernel: np.ndarray, frac: float = 0.99) -> int:
     return h
 
 
-def _flux_grown(name: str, flag: np.ndarray, islands: np.ndarray | None) -> np.ndarray | None:
+def _flux_grown(name: str, flag: np.ndarray, holes: np.ndarray | None) -> np.ndarray | None:
     """The pixels of plane ``name`` (``flag``) grown only as far as their hidden flux reaches.
 
     All of a :data:`_FLUX_GROWN_PLANES` plane, and for ``NO_DATA`` its
-    ``islands`` (:func:`diffim.masks.interior_islands`: NaN pixels or blocks
-    inside the detector, zero-filled like a bad pixel; the no-data area
-    around the image keeps the whole footprint).  None when there are none.
+    ``holes`` (:func:`diffim.kernel.nan_holes`: NaN pixels, columns and small
+    blocks, zero-filled like a bad pixel; a larger no-data area keeps the
+    whole footprint beyond its rim).  None when there are none.
     """
     if name in _FLUX_GROWN_PLANES:
         return flag
-    if name == "NO_DATA" and islands is not None and islands.any():
-        return islands
+    if name == "NO_DATA" and holes is not None and holes.any():
+        return holes
     return None
 
 
 def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, hk: int,
-                     reach: np.ndarray | None = None, islands: np.ndarray | None = None):
+                     reach: np.ndarray | None = None, holes: np.ndarray | None = None):
     """OR of the input masks (DETECTED planes dropped) with ``A``'s bad planes grown.
 
     :data:`_GROWN_PLANES` are grown by ``hk`` pixels, except that with
@@ -1257,7 +1257,7 @@ def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, 
         flag = masks.any_set(a_mask, name)
         if not flag.any():
             continue
-        partial = None if reach is None else _flux_grown(name, flag, islands)
+        partial = None if reach is None else _flux_grown(name, flag, holes)
         if partial is None:
             grown = dilate(flag, hk)
         else:
@@ -1274,7 +1274,7 @@ def _difference_mask(science: Exposure, template: Exposure, a_mask: np.ndarray, 
 
 
 def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure,
-                       islands: np.ndarray | None = None) -> np.ndarray | None:
+                       holes: np.ndarray | None = None) -> np.ndarray | None:
     """Where the flux hidden under ``A``'s cosmic rays, bad and NaN pixels reaches through the kernel.
 
     The convolved image ``A`` is zero-filled (= sky) on its masked pixels, so
@@ -1289,8 +1289,8 @@ def _hidden_flux_reach(a_mask: np.ndarray, kernel: np.ndarray, b: Exposure,
     None when ``A`` has no such pixel.
     """
     flag = masks.any_set(a_mask, *_FLUX_GROWN_PLANES)
-    if islands is not None:
-        flag |= islands
+    if holes is not None:
+        flag |= holes
     if not flag.any():
         return None
     sd = np.sqrt(np.maximum(b.variance, 0), dtype=np.float32)
@@ -1561,10 +1561,10 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
     resid = b.image - conv
     del conv
     hg = min(hk, footprint_radius(kc) + 1)
-    islands = masks.interior_islands(masks.any_set(a.mask, "NO_DATA"))
+    holes = nan_holes(masks.any_set(a.mask, "NO_DATA"))
     mask = _difference_mask(science, template, a.mask, hg,
-                            _hidden_flux_reach(a.mask, kc, b, islands), islands)
-    del islands
+                            _hidden_flux_reach(a.mask, kc, b, holes), holes)
+    del holes
     nan_pix = masks.any_set(mask, *_NAN_PLANES)
     zero_pix = masks.any_set(mask, *_ZERO_PLANES) | nan_pix | ~np.isfinite(resid)
     background = np.asarray(fit.background, dtype=float)
