@@ -22,7 +22,8 @@ from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
-from diffim.subtract import subtract_images
+from diffim.noisescale import BlockMap
+from diffim.subtract import SHARE_BIN, subtract_images
 from diffim.tables import DIA_SOURCE_SCHEMA, dia_source_ids
 from diffim.template import remove_own_contribution, stitch_template, template_psf
 
@@ -90,7 +91,9 @@ def main(inp, out, params, wildcards, log=None):
                                  kernel_spatial_order=cfg["kernel_spatial_order"],
                                  background_order=cfg["background_order"],
                                  decorrelate=cfg["decorrelate"])
-        noise = noise_terms(result.difference, template.image)
+        share = (None if result.template_share is None
+                 else BlockMap(result.template_share, SHARE_BIN))
+        noise = noise_terms(result.difference, template.image, template_share=share)
         significance = significance_maps(result.difference, noise, template.image)
         sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
                                      noise=noise, significance=significance)
@@ -115,7 +118,13 @@ def main(inp, out, params, wildcards, log=None):
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
     template_hdu.header["BUNIT"] = "nJy"
-    write_exposure(out.diff, diff, extra_hdus=[template_hdu])
+    extra = [template_hdu]
+    if result.template_share is not None:  # for the local noise scale of forced photometry
+        share_hdu = fits.ImageHDU(result.template_share, name="TSHARE")
+        share_hdu.header["SHAREBIN"] = (SHARE_BIN, "pixels per block side")
+        share_hdu.header["COMMENT"] = "template share of the per-pixel variance, 0-1"
+        extra.append(share_hdu)
+    write_exposure(out.diff, diff, extra_hdus=extra)
     write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
     write_ds9_regions(out.regions, table)
     write_json(out.status, {"status": "ok", "reason": "", "visit": visit, "detector": detector,

@@ -1,7 +1,9 @@
 """Rule `forced_photometry`: PSF photometry at every DIAObject on one difference image."""
 
-from diffim.io import read_exposure, read_extension, read_json, read_table, write_table
+from diffim.io import (read_exposure, read_extension, read_json, read_optional_extension,
+                       read_table, write_table)
 from diffim.lightcurves import empty_light_curves, forced_photometry
+from diffim.noisescale import BlockMap
 from diffim.runlog import setup_logging
 
 
@@ -14,9 +16,11 @@ def main(diff_path, status_path, objects_path, output, log=None):
         return
     diff = read_exposure(diff_path)
     m = diff.meta
+    stored = read_optional_extension(diff_path, "TSHARE")  # the template's variance share
+    share = None if stored is None else BlockMap(stored[0], int(stored[1]["SHAREBIN"]))
     table = forced_photometry(diff, read_table(objects_path), int(m["VISIT"]), int(m["DETECTOR"]),
                               str(m["BAND"]), float(m["MIDMJD"]),
-                              scene=read_extension(diff_path, "TEMPLATE"))
+                              scene=read_extension(diff_path, "TEMPLATE"), template_share=share)
     write_table(output, table)
     logger.info("forced photometry of %d DIAObjects on visit %s", len(table), m["VISIT"])
 

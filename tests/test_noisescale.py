@@ -96,3 +96,76 @@ def test_detection_calibrated_where_the_variance_plane_is_wrong():
     pulls = (cat["psfFlux"][near] - flux) / cat["psfFluxErr"][near]
     assert near.sum() >= 0.95 * xs.size
     assert 1.4826 * np.median(np.abs(pulls - np.median(pulls))) == pytest.approx(1.0, abs=0.2)
+
+
+def _template_share_field(n=1024, band=160, seed=11):
+    """A difference whose noise is white (science) plus a correlated part (template)
+    whose per-pixel variance is 0.02 of the total inside and rises to 0.33 across a
+    band along the left edge (fewer coadd inputs), with a variance plane that is right
+    per pixel."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    v_t = np.full((n, n), 0.02 / 0.98, np.float32)
+    v_t[:, :band] = np.linspace(0.5, 0.02 / 0.98, band, dtype=np.float32)[None, :]
+    smooth = ndimage.gaussian_filter(rng.normal(size=(n, n)), 2.5)
+    smooth /= smooth.std()
+    image = rng.normal(size=(n, n)) + smooth * np.sqrt(v_t)
+    var = (1.0 + v_t).astype(np.float32)
+    psf = PsfModel.constant(moffat_kernel(3.5, 41, beta=3.0), n, n)
+    diff = Exposure(image.astype(np.float32), var, np.zeros((n, n), np.int32), psf=psf)
+    share = (v_t / var)[::8, ::8]
+    return diff, ns.BlockMap(share.astype(np.float32), 8), band
+
+
+def test_share_term_calibrates_where_the_template_share_rises():
+    """The template's correlated noise adds far more to the filtered noise than to the
+    per-pixel variance: in the band (share up to 0.33) the significance is ~1.3 sigma wide
+    with the tile surface alone, 1.00 +- 0.05 with the share term, and the interior
+    stays at 1.00 +- 0.03."""
+    diff, share, band = _template_share_field()
+    plain = det.significance_maps(diff)
+    terms = det.noise_terms(diff, template_share=share)
+    fixed = det.significance_maps(diff, terms)
+    assert fixed.local_scale.share_term is not None and fixed.local_scale.share_term.b > 0
+
+    def width(a):
+        return 1.4826 * np.median(np.abs(a - np.median(a)))
+
+    edge = (slice(20, -20), slice(20, band - 10))
+    inner = (slice(20, -20), slice(band + 60, -20))
+    assert width(plain.image[edge]) > 1.15
+    assert width(fixed.image[edge]) == pytest.approx(1.0, abs=0.05)
+    assert width(fixed.image[inner]) == pytest.approx(1.0, abs=0.03)
+    # false 5-sigma peaks in the band: pure noise gives ~0 on this area
+    n_plain = (np.abs(plain.image[edge]) > 4.5).sum()
+    n_fixed = (np.abs(fixed.image[edge]) > 4.5).sum()
+    assert n_fixed < 0.1 * max(n_plain, 1) and n_plain > 20
+
+
+def test_share_term_only_when_the_width_follows_the_share():
+    rng = np.random.default_rng(3)
+    n = 600
+    z = rng.normal(size=(n, n)).astype(np.float32)
+    usable = np.ones((n, n), bool)
+    flat = np.full((n, n), 0.05, np.float32)
+    assert ns.fit_share(z, usable, flat) is None                        # no spread
+    ramp = np.tile(np.linspace(0.0, 0.3, n, dtype=np.float32), (n, 1))
+    assert ns.fit_share(z, usable, ramp) is None                        # no dependence
+    term = ns.fit_share(z * np.sqrt(1.0 + 4.0 * ramp), usable, ramp)   # width^2 = 1 + 4 f
+    assert term is not None
+    assert term.b / term.a == pytest.approx(4.0, rel=0.15)
+
+
+def test_header_round_trip_with_a_share_term():
+    share = ns.BlockMap(np.linspace(0, 0.2, 50 * 38, dtype=np.float32).reshape(38, 50), 8)
+    term = ns.ShareTerm(a=0.8, b=6.0, ref=0.02, share=share)
+    s = ns.LocalNoiseScale(coeffs=np.array([1.01, 0.02, -0.03]), order=1, shape=(300, 400),
+                           share_term=term)
+    back = ns.LocalNoiseScale.from_meta(s.header_cards(), (300, 400), share=share)
+    np.testing.assert_allclose(back.image(), s.image(), atol=1e-6)
+    np.testing.assert_allclose(back.at([10.0, 390.0], [5.0, 290.0]), s.at([10.0, 390.0], [5.0, 290.0]),
+                               atol=1e-6)
+    assert s.image()[290, 390] > s.image()[5, 10]        # the share rises along the map
+    # without the map, the term is left out
+    assert ns.LocalNoiseScale.from_meta(s.header_cards(), (300, 400)).share_term is None

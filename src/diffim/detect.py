@@ -76,7 +76,7 @@ from scipy import ndimage, optimize
 
 from . import masks, noisescale
 from .exposure import Exposure
-from .noisescale import LocalNoiseScale
+from .noisescale import BlockMap, LocalNoiseScale
 from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
 from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
@@ -420,6 +420,10 @@ class NoiseTerms:
         measured by :func:`significance_maps` when None, or given (read back
         from a difference image's header) so that forced photometry uses the
         detection's.
+    template_share : BlockMap or None
+        The template's share of the per-pixel variance
+        (:attr:`diffim.subtract.SubtractionResult.template_share`); the local
+        scale follows it (:func:`diffim.noisescale.fit_share`).
     """
 
     filter: np.ndarray
@@ -427,11 +431,13 @@ class NoiseTerms:
     c_psf: float
     systematics: Systematics = Systematics()
     local_scale: LocalNoiseScale | None = None
+    template_share: BlockMap | None = None
 
 
 def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
                 systematics: Systematics | None = None,
-                local_scale: LocalNoiseScale | None = None) -> NoiseTerms:
+                local_scale: LocalNoiseScale | None = None,
+                template_share: BlockMap | None = None) -> NoiseTerms:
     """Measure the noise correlation of ``diff`` and derive its :class:`NoiseTerms`.
 
     With ``scene`` (the static scene: the template on the difference's pixel
@@ -443,14 +449,15 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     its brightest ``SPARSE_SOURCES`` above
     :data:`~diffim.residuals.SPARSE_SOURCE_SNR`.  ``local_scale``
     (read back from such a header) is kept as given; without it
-    :func:`significance_maps` measures one.
+    :func:`significance_maps` measures one, following ``template_share``
+    (:attr:`diffim.subtract.SubtractionResult.template_share`) when given.
     """
     _check_diff(diff)
     rho = noise_correlation(diff)
     h, c_filter, c_psf = detection_filter(diff.psf.at(), rho)
     extra = float(diff.meta.get("NOISECOR", 1.0)) ** 2
     terms = NoiseTerms(filter=h, c_filter=c_filter * extra, c_psf=c_psf * extra,
-                       local_scale=local_scale)
+                       local_scale=local_scale, template_share=template_share)
     if systematics is not None:
         return replace(terms, systematics=systematics)
     if scene is None:
@@ -539,7 +546,7 @@ def significance_maps(diff: Exposure, noise: NoiseTerms | None = None,
         if sys_variance is not None:  # static-source residuals are not noise
             usable &= grid.take(sys_variance) < np.float32(SYS_NOISE_FRACTION) * den_s
         stat_s = _ratio(num_s, den_s, bad_s, _ratio_floor(den, bad))
-        scale = noisescale.measure(stat_s, usable, grid)
+        scale = noisescale.measure(stat_s, usable, grid, share=noise.template_share)
     den *= scale.image() ** 2
     stat = _ratio(num, den, bad)
     if sys_variance is None:

@@ -379,6 +379,17 @@ def read_extension(path, name: str) -> np.ndarray:
         raise InputError(f"{path}: no readable {name} extension ({first_line(exc)})") from None
 
 
+def read_optional_extension(path, name: str) -> tuple[np.ndarray, fits.Header] | None:
+    """Data and header of a named image extension, or None when the file has none."""
+    try:
+        with fits.open(path) as hdul:
+            if name not in hdul:
+                return None
+            return np.array(hdul[name].data), hdul[name].header.copy()
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read its {name} extension ({first_line(exc)})") from None
+
+
 def read_header(path, ext=0) -> fits.Header:
     """The header of one HDU (by index or name)."""
     with fits.open(path) as hdul:

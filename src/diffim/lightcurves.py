@@ -16,7 +16,7 @@ import pandas as pd
 
 from .detect import forced_psf_photometry, noise_terms
 from .exposure import Exposure
-from .noisescale import LocalNoiseScale
+from .noisescale import BlockMap, LocalNoiseScale
 from .residuals import Systematics
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def object_pixels(wcs, objects: pd.DataFrame, shape) -> tuple[np.ndarray, np.nda
 
 def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int,
                       detector: int, band: str, mjd: float, *,
-                      scene: np.ndarray | None = None) -> pd.DataFrame:
+                      scene: np.ndarray | None = None,
+                      template_share: BlockMap | None = None) -> pd.DataFrame:
     """PSF fluxes (nJy) of every DIAObject that falls on one difference image.
 
     Parameters
@@ -75,6 +76,10 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
         The template on the difference's grid: the systematic residual terms
         recorded in the difference's header (:class:`diffim.residuals.Systematics`)
         are added to the errors.
+    template_share : BlockMap, optional
+        The difference's template-share map (its ``TSHARE`` extension), which
+        the local noise scale recorded in the header follows
+        (:class:`diffim.noisescale.LocalNoiseScale`).
 
     Returns
     -------
@@ -95,7 +100,8 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
         return empty_light_curves()
     meta = diff_exposure.meta
     noise = noise_terms(diff_exposure, systematics=Systematics.from_meta(meta),
-                        local_scale=LocalNoiseScale.from_meta(meta, diff_exposure.shape))
+                        local_scale=LocalNoiseScale.from_meta(meta, diff_exposure.shape,
+                                                              share=template_share))
     flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside], noise=noise,
                                       scene=scene)
     out = pd.DataFrame({

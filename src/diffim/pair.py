@@ -28,7 +28,8 @@ import pandas as pd
 from . import detect
 from .calexp import CalexpConfig, Characterization, characterize
 from .exposure import Exposure
-from .subtract import SubtractionResult, subtract_images
+from .noisescale import BlockMap
+from .subtract import SHARE_BIN, SubtractionResult, subtract_images
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,9 @@ def subtract_pair(science: np.ndarray, reference: np.ndarray, *, gain: float = 1
                           background_order=background_order, overwrite_inputs=not keep_images)
     del sci, ref
     t2 = time.perf_counter()
-    noise = detect.noise_terms(sub.difference, static)
+    share = (None if sub.template_share is None
+             else BlockMap(sub.template_share, SHARE_BIN))
+    noise = detect.noise_terms(sub.difference, static, template_share=share)
     sig = detect.significance_maps(sub.difference, noise, static)
     sources = detect.detect_dia_sources(sub.difference, threshold=threshold, noise=noise,
                                         significance=sig)

@@ -66,7 +66,7 @@ from scipy.interpolate import RegularGridInterpolator
 from . import masks
 from .errors import InsufficientKernelSourcesError
 from .exposure import Exposure
-from .kernel import FourierImage, dilate, fft_convolve, nan_holes
+from .kernel import FourierImage, bin_sum, dilate, fft_convolve, nan_holes
 from .psf import FWHM_PER_SIGMA, PsfModel, moments_fwhm, n_poly_terms, poly_terms
 from .residuals import random_effect, scale_amplitudes
 from .stats import robust_std
@@ -93,6 +93,8 @@ MIN_GROW = 2
 #: unconvolved image's noise there makes the pixel unusable.
 HIDDEN_FLUX_SIGMA = 0.1
 _ZERO_PLANES = ("BAD", "SAT", "CR")
+#: Block size (pixels) of :attr:`SubtractionResult.template_share`.
+SHARE_BIN = 8
 #: A flux-scale residual of the kernel at its stars is removed when it exceeds
 #: its error this many times (:func:`_remove_scale_residual`).
 SCALE_RESIDUAL_SIGMA = 3.0
@@ -991,6 +993,14 @@ class SubtractionResult:
         Flux-scale residual ``a`` of the fitted kernel at the kernel stars
         that was removed (:func:`scale_residual`; 0 when none was
         significant).  ``kernel`` and ``kernel_sum`` include the correction.
+    template_share : ndarray or None
+        The template's share of the difference's per-pixel variance, 0-1, in
+        blocks of :data:`SHARE_BIN` x :data:`SHARE_BIN` pixels (block
+        ``[j, i]`` covers pixels ``[SHARE_BIN j:, SHARE_BIN i:]``; NaN where a
+        block has no usable pixel).  The template's noise is correlated (a
+        PSF-matched coadd), so where its share is larger -- fewer coadd
+        inputs near the template's edges -- the detection significance needs
+        a larger correction (:func:`diffim.noisescale.measure`).
     """
 
     difference: Exposure
@@ -1011,6 +1021,7 @@ class SubtractionResult:
     fwhm_template: float
     timings: dict = field(default_factory=dict)
     scale_correction: float = 0.0
+    template_share: np.ndarray | None = None
 
     @property
     def kernel_images(self) -> np.ndarray:
@@ -1416,8 +1427,8 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
     del tsig
     timings["kernel_fit"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    diff, var, mask, phi, background, unusable = _apply(a, b, fit, mode, hk, science,
-                                                        template, decorrelate)
+    diff, var, mask, phi, background, unusable, share = _apply(a, b, fit, mode, hk, science,
+                                                               template, decorrelate)
     fit, correction = _remove_scale_residual(diff, var, unusable, b, fit, mode, bright_xy)
     del unusable
     timings["convolution"] = time.perf_counter() - t1
@@ -1443,7 +1454,7 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
         chi2_std=float(np.std(chi2)) if chi2.size else float("nan"),
         background=background, background_order=fit.background_order,
         decorrelation_kernel=phi, noise_ratio=ratio, fwhm_science=fs, fwhm_template=ft,
-        timings=timings, scale_correction=correction)
+        timings=timings, scale_correction=correction, template_share=share)
 
 
 def scale_residual(diff: np.ndarray, var: np.ndarray, ref: np.ndarray, bad: np.ndarray,
@@ -1602,16 +1613,28 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         # local propagation for slowly varying variances (exact for white noise):
         # var = sum(phi^2) var_B + sum((phi (x) k)^2) / sum(k^2) * (k^2 (x) var_A)
         pk = signal.fftconvolve(phi, kc, mode="full")
-        var = float((phi**2).sum()) * var_b + float((pk**2).sum() / sq_c) * var_a
+        var_a = float((pk**2).sum() / sq_c) * var_a
+        var = float((phi**2).sum()) * var_b + var_a
     else:
         var = var_b + var_a
+    share = _share_map(var_a if mode == "convolve_template" else var_b, var, zero_pix)
+    del var_a
     if norm2 is not None:
         var = var / norm2
     diff = diff.astype(np.float32)
     var = var.astype(np.float32)
     diff[nan_pix] = np.nan
     var[nan_pix] = np.nan
-    return diff, var, mask, phi, background, zero_pix
+    return diff, var, mask, phi, background, zero_pix, share
+
+
+def _share_map(part: np.ndarray, total: np.ndarray, unusable: np.ndarray) -> np.ndarray:
+    """``sum(part) / sum(total)`` over :data:`SHARE_BIN`-px blocks of usable pixels (NaN: none)."""
+    good = ~unusable & np.isfinite(total) & (total > 0)
+    num = bin_sum(np.where(good, part, np.float32(0)).astype(np.float32, copy=False), SHARE_BIN)
+    den = bin_sum(np.where(good, total, np.float32(0)).astype(np.float32, copy=False), SHARE_BIN)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan).astype(np.float32)
 
 
 def residual_background(resid: np.ndarray, good: np.ndarray, order: int, *, box: int = 64,
