@@ -206,6 +206,13 @@ def test_convolve_template_mode(normal_pair, normal_result):
     assert abs(z.mean()) < 0.03                      # no background offset
     assert r.noise_ratio == pytest.approx(1.0, abs=0.05)
     assert r.decorrelation_kernel.shape[0] % 2 == 1
+    # the template's share of the per-pixel variance, in 8 px blocks: its variance
+    # SKY_VAR / 10 convolved by k^2 (decorrelation changes that by a few %) against
+    # the science's SKY_VAR, so about sum(k^2) / 10 on empty sky
+    share = r.template_share
+    assert share.shape == (sci.shape[0] // sub.SHARE_BIN, sci.shape[1] // sub.SHARE_BIN)
+    expected = float((r.kernel.at() ** 2).sum()) / 10
+    assert np.nanmedian(share) == pytest.approx(expected, rel=0.3)
 
 
 def _ring_stats(diff, truth, n, min_flux=1e5, half=15):
@@ -619,7 +626,7 @@ def test_nan_pixels_inside_the_science_image_hide_only_what_they_cover():
     img[:, :12] = np.nan                                # a 12 px no-data strip at the border
     mask[:, :12] |= nodata
     r = sub.subtract_images(Exposure(img, sci.variance, mask, psf=sci.psf), tmpl)
-    assert r.mode == "convolve_science"
+    assert r.mode == "convolve_science" and r.template_share is None
     nd = masks.any_set(r.difference.mask, "NO_DATA")
     for x, y in holes:
         box = nd[y - 9:y + 10, x - 9:x + 10]
