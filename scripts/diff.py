@@ -22,7 +22,6 @@ from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
-from diffim.noisescale import BlockMap
 from diffim.subtract import SHARE_BIN, subtract_images
 from diffim.tables import DIA_SOURCE_SCHEMA, dia_source_ids
 from diffim.template import remove_own_contribution, stitch_template, template_psf
@@ -91,9 +90,7 @@ def main(inp, out, params, wildcards, log=None):
                                  kernel_spatial_order=cfg["kernel_spatial_order"],
                                  background_order=cfg["background_order"],
                                  decorrelate=cfg["decorrelate"])
-        share = (None if result.template_share is None
-                 else BlockMap(result.template_share, SHARE_BIN))
-        noise = noise_terms(result.difference, template.image, template_share=share)
+        noise = noise_terms(result.difference, template.image, template_share=result.share_map)
         significance = significance_maps(result.difference, noise, template.image)
         sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
                                      noise=noise, significance=significance)

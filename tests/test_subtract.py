@@ -213,6 +213,7 @@ def test_convolve_template_mode(normal_pair, normal_result):
     assert share.shape == (sci.shape[0] // sub.SHARE_BIN, sci.shape[1] // sub.SHARE_BIN)
     expected = float((r.kernel.at() ** 2).sum()) / 10
     assert np.nanmedian(share) == pytest.approx(expected, rel=0.3)
+    assert r.share_map.bin == sub.SHARE_BIN and r.share_map.at(100.0, 200.0) == share[25, 12]
 
 
 def _ring_stats(diff, truth, n, min_flux=1e5, half=15):

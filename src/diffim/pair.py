@@ -28,8 +28,7 @@ import pandas as pd
 from . import detect
 from .calexp import CalexpConfig, Characterization, characterize
 from .exposure import Exposure
-from .noisescale import BlockMap
-from .subtract import SHARE_BIN, SubtractionResult, subtract_images
+from .subtract import SubtractionResult, subtract_images
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +203,7 @@ def subtract_pair(science: np.ndarray, reference: np.ndarray, *, gain: float = 1
                           background_order=background_order, overwrite_inputs=not keep_images)
     del sci, ref
     t2 = time.perf_counter()
-    share = (None if sub.template_share is None
-             else BlockMap(sub.template_share, SHARE_BIN))
-    noise = detect.noise_terms(sub.difference, static, template_share=share)
+    noise = detect.noise_terms(sub.difference, static, template_share=sub.share_map)
     sig = detect.significance_maps(sub.difference, noise, static)
     sources = detect.detect_dia_sources(sub.difference, threshold=threshold, noise=noise,
                                         significance=sig)

@@ -1029,6 +1029,13 @@ class SubtractionResult:
     template_share: np.ndarray | None = None
 
     @property
+    def share_map(self):
+        """:attr:`template_share` as a :class:`diffim.noisescale.BlockMap` (None without it)."""
+        from .noisescale import BlockMap  # (noisescale imports this module)
+
+        return None if self.template_share is None else BlockMap(self.template_share, SHARE_BIN)
+
+    @property
     def kernel_images(self) -> np.ndarray:
         """Coefficient images of the matching kernel, ``(n_spatial, k, k)``."""
         return self.kernel.images
