@@ -1625,7 +1625,7 @@ def _apply(a: Exposure, b: Exposure, fit: KernelFit, mode: str, hk: int,
         # local propagation for slowly varying variances (exact for white noise):
         # var = sum(phi^2) var_B + sum((phi (x) k)^2) / sum(k^2) * (k^2 (x) var_A)
         pk = signal.fftconvolve(phi, kc, mode="full")
-        var_a = float((pk**2).sum() / sq_c) * var_a
+        var_a *= np.float32((pk**2).sum() / sq_c)
         var = float((phi**2).sum()) * var_b + var_a
     else:
         var = var_b + var_a
