@@ -207,6 +207,7 @@ def test_match_exposure_masks_and_nan():
     exposure.image[80, 20] = 1e30                     # garbage under NO_DATA
     exposure.image[80, 50] = np.nan                   # NaN 2 px from a star's centre
     exposure.image[:, 110:] = np.nan                  # no data along the right edge
+    exposure.image[1, 60] = 1e4                       # a bright pixel in the border strip
     kernel = matching_kernel_model(psf, target)
     h = kernel_footprint_halfwidth(kernel)
     assert 2 <= h <= 6      # 1 % of sum|K| for a ~4 px FWHM kernel
@@ -220,6 +221,7 @@ def test_match_exposure_masks_and_nan():
     # ... on a star the estimate is off (the peak pixel lost 6 % of the flux):
     # the bit covers every pixel that error moved by more than 0.1 sigma
     clean = exposure_with_stars(psf, stars)
+    clean.image[1, 60] = 1e4
     truth = match_exposure(clean, target, kernel_model=kernel)
     sigma = np.sqrt(truth.variance)
     moved = np.abs(np.nan_to_num(matched.image - truth.image)) > 0.1 * sigma
@@ -231,10 +233,13 @@ def test_match_exposure_masks_and_nan():
     assert nodata[15:26, 25:36].sum() == 1 and nodata[20, 30]
     assert nodata[75:86, 15:26].sum() == 1 and nodata[80, 20]
     assert nodata[75:86, 43:54].sum() > 5 and nodata[80, 50]
-    # a wider no-data area is grown by the kernel footprint beyond its rim
+    # a wider no-data area is grown by the kernel footprint beyond its rim, and no
+    # farther: the grown pixels hold data, which does not spread the bit as doubt
     deep = 110 + HOLE_DEPTH
     assert nodata[:, 110:].all() and nodata[:, deep - h:].all()
-    assert not nodata[h:-h, h:deep - h - 1].all()
+    assert not nodata[30:70, h:deep - h - 1].any()   # (rows without a hole)
+    assert nodata[:h, 50:71].all() and not nodata[h:h + 6, 50:71].any()   # nor from the
+    # image's border strip, where a bright pixel holds data, not doubt
     assert nodata[:h].all()
     # NaN exactly where NO_DATA; the garbage value did not leak
     np.testing.assert_array_equal(np.isnan(matched.image), nodata)

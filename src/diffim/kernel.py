@@ -805,8 +805,12 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     doubt[fill] = 0.0
     with np.errstate(invalid="ignore"):
         sigma = np.sqrt(np.maximum(variance, 0))
-    mask = spread_by_influence(mask, doubt, sigma, kernel_envelope(kernel_model),
-                               planes=UNTRUSTED_PLANES + (("NO_DATA",) if holes.any() else ()))
+    envelope = kernel_envelope(kernel_model)
+    mask = spread_by_influence(mask, doubt, sigma, envelope)
+    if holes.any():  # NO_DATA spreads from the holes only, not from the grown border
+        mask |= spread_by_influence(np.where(holes, bit("NO_DATA"), 0).astype(MASK_DTYPE),
+                                    np.where(holes, doubt, 0), sigma, envelope,
+                                    planes=("NO_DATA",))
     nodata = (mask & bit("NO_DATA")) != 0
     image[nodata] = np.nan
     variance[nodata] = np.nan
