@@ -35,7 +35,7 @@ the first pixel.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -366,7 +366,7 @@ def measure(significance: np.ndarray, usable: np.ndarray,
     if share is not None:
         term = fit_share(significance, usable, share.on_grid(grid.rows, grid.cols))
         if term is not None:
-            term = ShareTerm(a=term.a, b=term.b, ref=term.ref, share=share)
+            term = replace(term, share=share)
             significance = significance / np.sqrt(
                 term.factor(share.on_grid(grid.rows, grid.cols))).astype(np.float32)
             logger.info("significance noise follows the template share: width^2 = %.3f + "

@@ -569,25 +569,25 @@ def _solve_global(G, h, p, r, nb):
 
 
 def _stamp_products(G, h, coef, bg, p, r, g_signal=None):
-    """``<B, M>`` and ``<M, M>`` of every stamp for the global solution.
+    """``<B, M>``, ``<M, M>`` and the de-biased ``<M, M>`` of every stamp for the global solution.
 
     ``M`` is the stamp's model (``k (x) A + bg``) and ``<.,.>`` the weighted
-    inner product of the stamp's normal equations (``h``, ``G``).  With
-    ``g_signal`` (the de-biased normal matrices) a third array, ``<M, M>``
-    from those, is returned too.
+    inner product of the stamp's normal equations (``h``, ``G``); the third
+    uses ``g_signal`` (the de-biased normal matrices) and is the second when
+    that is None or ``G`` itself.
     """
     theta = np.einsum("ks,is->ik", coef, p)
     if r.shape[1]:
         theta = np.hstack([theta, (r @ bg)[:, None]])
-    out = (np.einsum("ik,ik->i", theta, h), np.einsum("ik,ikl,il->i", theta, G, theta))
-    if g_signal is None:
-        return out
-    return out + (np.einsum("ik,ikl,il->i", theta, g_signal, theta),)
+    mm = np.einsum("ik,ikl,il->i", theta, G, theta)
+    mm_signal = (mm if g_signal is None or g_signal is G
+                 else np.einsum("ik,ikl,il->i", theta, g_signal, theta))
+    return np.einsum("ik,ik->i", theta, h), mm, mm_signal
 
 
 def _stamp_chi2(G, h, ywy, npix, coef, bg, p, r, nb):
     """Residual chi^2 per pixel of every stamp for the global solution."""
-    bm, mm = _stamp_products(G, h, coef, bg, p, r)
+    bm, mm, _ = _stamp_products(G, h, coef, bg, p, r)
     return (ywy - 2.0 * bm + mm) / npix
 
 
@@ -702,11 +702,7 @@ def _fit_stamps(G, h, ywy, npix, p, r, nb, *, n_sigma_clip, max_iter, min_stamps
                 f"Only {int(use.sum())} usable kernel stamps remain after rejecting outliers, "
                 f"fewer than the {min_stamps} needed for the PSF-matching kernel fit.")
         coef, bg = _solve_global(g_fit[use], h[use], p[use], r[use], nb)
-        if g_fit is G:
-            bm, mm = _stamp_products(G, h, coef, bg, p, r)
-            mm_signal = mm
-        else:
-            bm, mm, mm_signal = _stamp_products(G, h, coef, bg, p, r, g_signal=g_fit)
+        bm, mm, mm_signal = _stamp_products(G, h, coef, bg, p, r, g_signal=g_fit)
         chi2 = (ywy - 2.0 * bm + mm) / npix
         bad = _outlier_stamps(chi2, npix, bm, mm, mm_signal, use, n_sigma_clip)
         if not bad.any():
