@@ -558,8 +558,8 @@ class ShapePrior:
     - (m_i / m_0) c_0`` it is linear in the coefficients and leaves the kernel
     sum to the data; ``s`` in the prior's width is the flux ratio that scales
     the model kernel best to the stamps.  A bright star constrains the shape
-    far more tightly (a coefficient error of 0.01 at S/N 200 costs ~100 in
-    chi^2), so the prior only decides what the stamps leave open.
+    far more tightly (a coefficient error of 0.01 at S/N 200 costs of order
+    100 in chi^2), so the prior only decides what the stamps leave open.
 
     The kernel's spatial variation stays free: with the PSF models'
     variation as its prior too, cross-validation chose a spatially varying
