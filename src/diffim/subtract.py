@@ -546,7 +546,7 @@ class ShapePrior:
     variable stars, the kernel fitted on 16 faint stamps held its expected
     flux within 8 px and -24 % beyond 14 px (kernel sum 0.76; a second fit
     without the noise de-biasing: +8 %): a negative halo 10-30 px around
-    every star, 12 false detections and a 6 % flux-scale "systematic" that
+    every star, 13 false detections and a 6 % flux-scale "systematic" that
     hid a variable star at S/N 13.  The kernel computed from the PSF models
     was as good on those stamps (summed chi^2) and compact.
 
