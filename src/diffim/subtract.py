@@ -591,7 +591,7 @@ class ShapePrior:
         total = float(centre.sum())
         if not (total > 0 and np.abs(centre).sum() <= SHAPE_PRIOR_MAX_L1 * total):
             return None
-        return cls(coef, SHAPE_PRIOR_SIGMA)
+        return cls(coef)
 
     def penalty(self, G, h, nb: int, nq: int) -> np.ndarray:
         """``(nb nq, nb nq)`` matrix added to the kernel block of the normal equations.
@@ -1274,7 +1274,7 @@ def _prepare(exp: Exposure, bad: np.ndarray, psf: PsfModel, in_place: bool) -> E
 
 def _fit_kernel(a: Exposure, b: Exposure, bad, basis, *, spatial_order, background_order,
                 n_sigma_clip, variance_factor, candidate_kw, fallback, psf_a, psf_b,
-                debias_noise=False, template_is_a=False, shape_prior=False):
+                shape_prior, debias_noise=False, template_is_a=False):
     """Kernel from stars, or from the PSF models if stars are too few (and ``fallback``).
 
     Kernel stars are found on the template (``a`` when ``template_is_a``, else
