@@ -345,6 +345,56 @@ def test_bright_star_with_wide_footprint_is_a_candidate():
     assert len(sub.select_kernel_candidates(ref, ref, half=20, margin=20, bad=bad)) == 0
 
 
+def _bright_star_field(n=301, flux=2e6):
+    img = np.zeros((n, n))
+    _add(img, moffat_kernel(5.0, 121, beta=2.0), 150, 150, flux)  # S/N ~ 1e4, broad wings
+    var = np.full((n, n), 100.0)
+    return Exposure(img + np.random.default_rng(0).normal(0, 10, (n, n)), var,
+                    np.zeros((n, n), np.int32), psf=PsfModel.gaussian(5.0, K, n, n))
+
+
+def test_hidden_pixels_are_the_masked_ones_over_a_source():
+    """Masked pixels on empty sky hide nothing; on a star's halo, or masked in both, they do."""
+    from diffim.detect import binned_significance
+
+    ref = _bright_star_field()
+    n = ref.shape[0]
+    bad_a, bad_b = np.zeros((n, n), bool), np.zeros((n, n), bool)
+    bad_a[150, 162] = True   # 12 px out: the halo (~400 nJy/px against a noise of 10)
+    bad_a[150, 270] = True   # 120 px out: sky
+    bad_a[40, 40] = bad_b[40, 40] = True   # masked in both images: unknown
+    sig = binned_significance(ref.image, ref.variance, ref.psf.at(), bad_a | bad_b)
+    hidden = sub.hidden_pixels(bad_a, bad_b, sig)
+    assert hidden[150, 162] and hidden[40, 40] and not hidden[150, 270]
+    assert not (hidden & ~bad_a).any()
+
+
+@pytest.mark.parametrize("offset", [15, 25])
+def test_masked_sky_near_a_bright_star_keeps_it_a_candidate(offset):
+    """A masked pixel within the kernel's reach of a star costs it only if it hides light.
+
+    Cosmic rays, bad columns and NaN pixels within ~35 px of a star had
+    refused 29-48 % of the kernel stars of three of the independent
+    simulator's images, the brightest star of one of them for a bad column
+    35 px away.
+    """
+    ref = _bright_star_field(flux=2e5)
+    n = ref.shape[0]
+    bad = np.zeros((n, n), bool)
+    bad[150 - 5:150 + 6, 150 + offset] = True     # a bad-column piece, beyond the core
+    kw = dict(half=20, margin=20, bad=bad, core=10)
+    sky = np.zeros((n, n), bool)                   # nothing under it but sky
+    assert [tuple(v) for v in sub.select_kernel_candidates(ref, ref, hidden=sky, **kw)] == \
+        [(150, 150)]
+    assert len(sub.select_kernel_candidates(ref, ref, **kw)) == 0      # every pixel hides
+    assert len(sub.select_kernel_candidates(ref, ref, hidden=bad, **kw)) == 0
+    # within the core (+ MIN_GROW) a masked pixel costs the star whatever it hides
+    near = np.zeros((n, n), bool)
+    near[150, 150 + 10 + sub.MIN_GROW] = True
+    assert len(sub.select_kernel_candidates(ref, ref, half=20, margin=20, bad=near, core=10,
+                                            hidden=sky)) == 0
+
+
 def test_fit_leaves_out_what_masked_pixels_reach(sharp_pair):
     """Masked pixels next to a kernel star must not enter its fit, whatever they hold.
 
@@ -370,7 +420,10 @@ def test_fit_leaves_out_what_masked_pixels_reach(sharp_pair):
     zeros = sub.fit_matching_kernel(*with_values(0.0), cand, basis, bad=bad, **kw).kernel.at()
     junk = sub.fit_matching_kernel(*with_values(1e5), cand, basis, bad=bad, **kw).kernel.at()
     blind = sub.fit_matching_kernel(*with_values(1e5), cand, basis, **kw).kernel.at()
+    hid = sub.fit_matching_kernel(*with_values(1e5), cand, basis, bad=bad, hidden=bad,
+                                  **kw).kernel.at()
     assert np.abs(junk - zeros).max() < 1e-9 * np.abs(zeros).max()   # float round-off
+    assert np.abs(hid - junk).max() < 1e-9 * np.abs(zeros).max()
     assert zeros.sum() == pytest.approx(TMPL_SCALE, rel=0.005)
     # not told, the same garbage moves the scale (by 0.8 %: clipping drops the worst stamps)
     assert abs(blind.sum() - zeros.sum()) > 2e-3
@@ -796,3 +849,37 @@ def test_shape_prior_only_from_a_kernel_that_does_not_deconvolve():
     c2 = c.copy()
     c2[3] += 0.01 * 1.7
     assert abs(c2 @ pen @ c2 - (0.01 / prior.sigma) ** 2) < 0.05 * (0.01 / prior.sigma) ** 2
+
+
+def _stamp_stats(snr, a):
+    """Inputs of ``_outlier_stamps`` for stamps of S/N ``snr`` and flux offsets ``a``, chi^2 1."""
+    snr, a = np.asarray(snr, float), np.asarray(a, float)
+    mm_signal = snr**2
+    npix = np.full(snr.size, 1849)
+    return np.ones(snr.size), npix, mm_signal * (1 + a), mm_signal.copy(), mm_signal
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_one_bright_stamp_is_not_rejected_by_the_faint_ones_centre(monkeypatch, floor):
+    """An independent-simulation visit's bright stamps after two clipping rounds.
+
+    A star of S/N 4900 whose flux ratio agrees with the fit, and four stamps of
+    S/N 80-145 that are off by about 1 % (the faint stamps' bias): the four set
+    the centre, and without a floor on the scatter the star was rejected as a
+    45-sigma outlier (the kernel fitted without it summed to 0.907, with it
+    1.003).  A bright stamp 30 % off (a variable star) is still rejected.
+    """
+    if not floor:
+        monkeypatch.setattr(sub, "MIN_SCALE_SCATTER", 0.0)
+    rng = np.random.default_rng(1)
+    faint = rng.uniform(20, 40, 10)
+    snr = np.r_[4900, 145, 122, 81, 98, faint]
+    a = np.r_[0.0, -0.0089, 0.0173, -0.0137, -0.0089, rng.normal(0, 1 / faint)]
+    use = np.ones(snr.size, bool)
+    bad = sub._outlier_stamps(*_stamp_stats(snr, a), use, 3.0)
+    assert bad[0] != floor
+    # a bright variable star 30 % off is rejected, and the star kept
+    snr, a, use = np.r_[snr, 3000], np.r_[a, -0.3], np.r_[use, True]
+    bad = sub._outlier_stamps(*_stamp_stats(snr, a), use, 3.0)
+    assert bad[-1]
+    assert not (floor and bad[0])
