@@ -883,3 +883,43 @@ def test_one_bright_stamp_is_not_rejected_by_the_faint_ones_centre(monkeypatch, 
     bad = sub._outlier_stamps(*_stamp_stats(snr, a), use, 3.0)
     assert bad[-1]
     assert not (floor and bad[0])
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_a_small_residual_of_a_bright_stamp_is_not_an_outlier(monkeypatch, floor):
+    """The residual test on the third clipping round of the same visit.
+
+    The 17 stamps left (their S/N, chi^2 per pixel, flux offsets and noise
+    power, as measured): the S/N 1670 star leaves 0.27 % of its signal
+    power in the residual (``q``), where the stamps' scatter in ``q``
+    measured ~0, and was rejected; two rounds later the brightest star (S/N
+    4660) followed, and the kernel fitted on the ten faint stamps left
+    summed to 0.90 (10 false positives on that visit).  With the floor on
+    the scatter both stars stay and the kernel sums to 1.007.  The faint
+    stamps this round rejects go either way, and a bright stamp that
+    leaves 5 % of its signal power (a transient on a star) is rejected.
+    """
+    if not floor:
+        monkeypatch.setattr(sub, "MIN_RESIDUAL_SCATTER", 0.0)
+    snr = np.array([4656, 1668, 201, 145, 121, 116, 101, 80, 69, 48, 42, 39, 29, 26, 25, 22, 15.0])
+    chi2 = np.array([2.151, 4.338, 1.124, 1.014, 1.094, 1.374, 1.080, 0.965, 1.058, 1.038, 1.169,
+                     0.864, 1.128, 0.944, 1.092, 1.002, 0.958])
+    a = np.array([0.0002, -0.0017, -0.0256, -0.0057, 0.0303, 0.0652, -0.0267, -0.0116, 0.05,
+                  -0.0792, -0.0117, 0.0965, -0.1648, -0.0097, -0.1246, -0.0439, 0.0342])
+    noise_power = np.array([1.0, 1.0, 1.025, 1.06, 1.09, 1.062, 1.091, 1.208, 1.19, 1.599, 1.487,
+                            1.8, 2.785, 2.949, 3.279, 3.666, 7.698])
+
+    def rejected(snr, chi2, a, noise_power):
+        mm_signal = snr**2
+        return sub._outlier_stamps(chi2, np.full(snr.size, 1849), mm_signal * (1 + a),
+                                   mm_signal * noise_power, mm_signal,
+                                   np.ones(snr.size, bool), 3.0)
+
+    bad = rejected(snr, chi2, a, noise_power)
+    assert not bad[0]
+    assert bad[1] != floor
+    assert bad[[2, 4, 5, 8]].all() and not bad[[3, 6, 7]].any()
+    # a bright stamp with 5 % of its signal power left over is an outlier
+    bad = rejected(np.r_[snr, 3000], np.r_[chi2, 1.1 + 0.05 * 3000**2 / 1849], np.r_[a, 0.0],
+                   np.r_[noise_power, 1.0])
+    assert bad[-1] and not bad[0]

@@ -26,6 +26,7 @@ from . import masks
 from .errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
 from .psf import (FWHM_PER_SIGMA, MAX_FWHM_FRACTION, PsfModel, check_kernel_size, moments_fwhm,
                   poly_terms)
+from .psfshape import shape_field_model
 
 logger = logging.getLogger(__name__)
 
@@ -445,6 +446,13 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
         if it >= 2 and (new_used == used).all() and moved < CENTRE_TOLERANCE:
             break
         used = new_used
+    if fit_order < order:
+        # too few stars for a pixelized model of full order: smooth size and
+        # shear fields on the mean PSF instead (diffim.psfshape)
+        wu = w * used[:, None]
+        c0 = _solve_pixels(data / flux[:, None], wu, poly_terms(u, v, 0))[0][0]
+        coeffs, fit_order = shape_field_model(data[used] / flux[used, None], wu[used],
+                                              u[used], v[used], c0, order)
     coeffs = _taper(coeffs, inv00, k)
     psf = PsfModel(coeffs=coeffs.reshape(-1, k, k), order=fit_order, width=nx, height=ny)
     fwhm = moments_fwhm(psf.at())

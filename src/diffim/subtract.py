@@ -837,6 +837,7 @@ def _outlier_stamps(chi2, npix, bm, mm, mm_signal, use, n_sigma_clip) -> np.ndar
         ref = ok
     if ref.sum() >= MIN_STAMPS_FOR_SCATTER:
         q0, tau2 = _weighted_centre(q[ref], q_var[ref], n_sigma_clip)
+        tau2 = max(tau2, MIN_RESIDUAL_SCATTER**2)
         high &= q - q0 > n_sigma_clip * np.sqrt(tau2 + q_var)
         a0, tau2 = _weighted_centre(a[ref], a_var[ref], n_sigma_clip)
         tau2 = max(tau2, MIN_SCALE_SCATTER**2)
@@ -847,6 +848,10 @@ def _outlier_stamps(chi2, npix, bm, mm, mm_signal, use, n_sigma_clip) -> np.ndar
 #: Smallest intrinsic scatter of the stamps' flux ratios in the flux-ratio test
 #: of :func:`_outlier_stamps` (a fraction).
 MIN_SCALE_SCATTER = 0.005
+#: Smallest intrinsic scatter of the stamps' excess residual power ``q`` (a
+#: fraction of the stamp's signal power) in the residual test of
+#: :func:`_outlier_stamps`.
+MIN_RESIDUAL_SCATTER = 1e-3
 #: Fewest stamps for the random-effect tests of :func:`_outlier_stamps`.
 MIN_STAMPS_FOR_SCATTER = 5
 #: Stamps at least this bright (S/N of the kernel model, de-biased) set the
