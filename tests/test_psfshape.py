@@ -57,6 +57,17 @@ def test_field_fit_recovers_a_quadratic_and_cross_validation_picks_its_order():
     assert np.median(worst) < 2 * sig[0]
 
 
+def test_too_few_usable_stars_give_no_deformation():
+    u, v = np.array([0.1, -0.5]), np.array([0.3, 0.2])
+    coef, order = fit_field_cv(np.array([0.05, 0.02]), np.array([1e-4, 1e-4]), u, v, 2)
+    assert order == 0 and coef.shape == (6,) and not coef.any()
+    # unusable measurements (no weight) do not count as stars
+    u, v = np.linspace(-1, 1, 6), np.linspace(1, -1, 6)
+    values = np.r_[0.01, 0.02, np.full(4, np.nan)]
+    coef, order = fit_field_cv(values, np.full(6, 1e-4), u, v, 1)
+    assert order == 0 and not coef.any()
+
+
 def test_scatter_beyond_the_noise_is_estimated():
     # stars that scatter by 0.02 with quoted errors of 0.002: the fit's tau^2
     # keeps one wild star from owning the field

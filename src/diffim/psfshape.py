@@ -90,6 +90,8 @@ def fit_field(values, variances, u, v, order: int, n_iter: int = 10):
     terms = poly_terms(u, v, order)                           # (T, N)
     ok = np.isfinite(values) & np.isfinite(variances) & (variances > 0)
     t, y, var = terms[:, ok], values[ok], variances[ok]
+    if y.size < t.shape[0] + 2:
+        return np.zeros(t.shape[0]), np.inf
     dof = max(y.size - t.shape[0], 1)
     tau2 = 0.0
     for _ in range(n_iter):
@@ -110,12 +112,10 @@ def fit_field(values, variances, u, v, order: int, n_iter: int = 10):
 def fit_field_cv(values, variances, u, v, max_order: int) -> tuple[np.ndarray, int]:
     """The field of the order (0..``max_order``) that predicts left-out stars
     best, as coefficients of ``n_poly_terms(max_order)`` terms (zero-padded)."""
-    best = None
+    best = (np.zeros(1), np.inf, 0)          # too few stars: no deformation
     for order in range(max_order + 1):
-        if u.size < n_poly_terms(order) + 2:
-            break
         coef, loo = fit_field(values, variances, u, v, order)
-        if best is None or loo < best[1]:
+        if loo < best[1]:
             best = (coef, loo, order)
     out = np.zeros(n_poly_terms(max_order))
     out[:best[0].size] = best[0]
