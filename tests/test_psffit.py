@@ -246,3 +246,13 @@ def test_model_centroid_does_not_drift_with_position(monkeypatch):
     assert worst(fit_psf(data, var, None, stars, kernel_size=K, order=1)) < 0.05
     monkeypatch.setattr(psffit, "_centre_on_model", lambda *a: 0.0)
     assert worst(fit_psf(data, var, None, stars, kernel_size=K, order=1)) > 0.1
+
+
+def test_many_stars_keep_the_pixelized_model_at_any_requested_order(fitted):
+    # the size-and-shear fields (diffim.psfshape) stand in only when the stars
+    # are too few for the pixelized model; asking for order 3 with 250 stars
+    # gives the same order-2 pixelized model as asking for order 2
+    data, var, _, stars, res = fitted
+    res3 = fit_psf(data, var, None, stars, kernel_size=K, order=3)
+    assert res3.order == 2
+    np.testing.assert_allclose(res3.psf.coeffs, res.psf.coeffs)

@@ -7,7 +7,9 @@ normalised by their flux and fitted pixel by pixel by weighted least squares;
 stars with outlying residuals are rejected iteratively.  Other sources in a
 star's stamp, catalogued or found in its residual, get zero weight, and the
 stars' centroids follow the model's centre of light, so that neither a
-neighbour nor a drifting centroid becomes part of the PSF.  Images are
+neighbour nor a drifting centroid becomes part of the PSF.  With too few
+stars for the pixelized spatial terms, the variation is fitted as fields of
+size and shear (:mod:`diffim.psfshape`).  Images are
 background-subtracted, in electrons, ``[y, x]``, positions 0-based.
 """
 
@@ -360,8 +362,12 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
     kernel_size : int
         Odd model size K (pixels), the ``psf.kernel_size`` config value.
     order : int
-        Maximum polynomial order of the spatial variation; the order used is
-        :func:`choose_order` of the number of stars.
+        Maximum polynomial order of the spatial variation.  The pixelized
+        model's order is :func:`choose_order` of the number of stars; when
+        the stars are too few for the order it would reach with many (fewer
+        than 40 for order 2), the spatial variation is instead smooth size
+        and shear fields of up to ``order`` on the stars' mean PSF
+        (:func:`diffim.psfshape.shape_field_model`).
     min_stars : int
         Fewest usable stars accepted.
     clip : float
@@ -446,7 +452,7 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
         if it >= 2 and (new_used == used).all() and moved < CENTRE_TOLERANCE:
             break
         used = new_used
-    if fit_order < order:
+    if fit_order < choose_order(np.iinfo(np.int32).max, order):
         # too few stars for a pixelized model of full order: smooth size and
         # shear fields on the mean PSF instead (diffim.psfshape)
         wu = w * used[:, None]

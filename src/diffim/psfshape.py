@@ -32,6 +32,7 @@ import numpy as np
 
 from .psf import n_poly_terms, poly_terms
 
+
 def deformation_images(c0: np.ndarray) -> np.ndarray:
     """Images ``(3, K, K)``: size, e1 and e2 deformations of the PSF ``c0``.
 

@@ -805,7 +805,10 @@ def _outlier_stamps(chi2, npix, bm, mm, mm_signal, use, n_sigma_clip) -> np.ndar
       fitted on the faint rest lacked the PSF wings (kernel sum 0.72 instead
       of 1.00).  A cosmic ray, a blend or a variable star leaves a residual
       out of proportion (``q`` of 0.3-13 against 0.01-0.03 for the bright
-      stars).
+      stars).  The stamps' scatter in ``q`` is at least
+      :data:`MIN_RESIDUAL_SCATTER`: where it measured ~0, a S/N 1,670 star
+      leaving ``q`` = 0.0027 was rejected, the clipping cascaded, and two
+      rounds later the visit's S/N 4,660 star went too (kernel sum 0.90).
     * Flux ratio: :func:`_stamp_scale_offsets` off the centre by more than
       ``n_sigma_clip`` times its noise and the stamps' intrinsic scatter
       combined, the scatter at least :data:`MIN_SCALE_SCATTER`.  The
