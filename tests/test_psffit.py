@@ -6,7 +6,7 @@ import pytest
 
 from diffim.errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
 from diffim.psf import PsfModel, gaussian_kernel, moffat_kernel, moments_fwhm
-from diffim.psffit import (choose_order, fit_psf, fourier_shift, measure_psf_flux,
+from diffim.psffit import (choose_order, fit_psf, full_order, fourier_shift, measure_psf_flux,
                            neighbour_mask_radius)
 from diffim.sources import detect_sources, select_psf_stars
 
@@ -116,6 +116,7 @@ def test_too_few_stars_and_order_choice():
         fit_psf(data, var, None, stars, kernel_size=K)
     assert [choose_order(n, 2) for n in (5, 9, 10, 39, 40, 500)] == [0, 0, 1, 1, 2, 2]
     assert choose_order(500, 1) == 1
+    assert [full_order(m) for m in (0, 1, 2, 3)] == [0, 1, 2, 2]
 
 
 def test_fourier_shift_accuracy():

@@ -29,6 +29,7 @@ from .errors import NoUsableStarsError, PsfFitError, PsfKernelTooSmallError
 from .psf import (FWHM_PER_SIGMA, MAX_FWHM_FRACTION, PsfModel, check_kernel_size, moments_fwhm,
                   poly_terms)
 from .psfshape import shape_field_model
+from .stats import ridge_solve
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ def choose_order(n_stars: int, max_order: int) -> int:
     return int(min(order, max_order))
 
 
+def full_order(max_order: int) -> int:
+    """The order :func:`choose_order` gives with any number of stars (``min(max_order, 2)``)."""
+    return choose_order(np.iinfo(np.int32).max, max_order)
+
+
 def fourier_shift(stamps: np.ndarray, sx, sy, out_size: int) -> np.ndarray:
     """Sample stamps at sub-pixel-shifted positions by Fourier (sinc) shift.
 
@@ -132,12 +138,8 @@ def _solve_pixels(data, weight, terms, ridge=1e-12):
     """Per-pixel weighted least squares of data (N, P) = terms.T (N, T) @ c (T, P)."""
     a = np.einsum("np,kn,ln->pkl", weight, terms, terms)
     b = np.einsum("np,kn,np->pk", weight, terms, data)
-    t = terms.shape[0]
-    a += ridge * np.trace(a, axis1=1, axis2=2)[:, None, None] * np.eye(t) / t + \
-        1e-300 * np.eye(t)
-    coeffs = np.linalg.solve(a, b[..., None])[..., 0]
-    inv00 = np.linalg.inv(a)[:, 0, 0]
-    return coeffs.T, inv00
+    coeffs, cov = ridge_solve(a, b, ridge)
+    return coeffs.T, cov[:, 0, 0]
 
 
 @dataclass
@@ -452,7 +454,7 @@ def fit_psf(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None,
         if it >= 2 and (new_used == used).all() and moved < CENTRE_TOLERANCE:
             break
         used = new_used
-    if fit_order < choose_order(np.iinfo(np.int32).max, order):
+    if fit_order < full_order(order):
         # too few stars for a pixelized model of full order: smooth size and
         # shear fields on the mean PSF instead (diffim.psfshape)
         wu = w * used[:, None]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from .psf import n_poly_terms, poly_terms
+from .stats import ridge_solve
 
 
 def deformation_images(c0: np.ndarray) -> np.ndarray:
@@ -66,10 +67,7 @@ def star_deformations(data, weight, c0, basis):
     x = np.vstack([c0[None], basis])                          # (4, P)
     a = np.einsum("kp,np,lp->nkl", x, weight, x)
     b = np.einsum("kp,np,np->nk", x, weight, data - c0[None])
-    a += 1e-12 * np.trace(a, axis1=1, axis2=2)[:, None, None] * np.eye(4) + \
-        1e-300 * np.eye(4)
-    sol = np.linalg.solve(a, b[..., None])[..., 0]
-    cov = np.linalg.inv(a)
+    sol, cov = ridge_solve(a, b)
     return sol[:, 1:], np.diagonal(cov, axis1=1, axis2=2)[:, 1:]
 
 

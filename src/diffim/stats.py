@@ -23,3 +23,31 @@ def robust_std(values) -> float:
     v = np.asarray(values, float).ravel()
     v = v[np.isfinite(v)]
     return float(mad_std(v)) if v.size else float("nan")
+
+
+def ridge_solve(a: np.ndarray, b: np.ndarray, ridge: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """Solve a stack of normal equations ``a x = b`` with a tiny ridge.
+
+    Parameters
+    ----------
+    a : ndarray, shape (..., T, T)
+        Symmetric positive semi-definite normal matrices.
+    b : ndarray, shape (..., T)
+        Right-hand sides.
+    ridge : float
+        ``ridge * trace(a) / T`` is added to the diagonal (plus 1e-300, so that
+        an all-zero system gives ``x = 0``): a term with no data gets a
+        coefficient of 0 instead of a singular matrix.
+
+    Returns
+    -------
+    x : ndarray, shape (..., T)
+        The solutions.
+    cov : ndarray, shape (..., T, T)
+        The inverse of the regularised ``a`` (the covariance of ``x`` when
+        ``a`` holds inverse-variance weights).
+    """
+    t = a.shape[-1]
+    eye = np.eye(t)
+    a = a + (ridge * np.trace(a, axis1=-2, axis2=-1)[..., None, None] / t) * eye + 1e-300 * eye
+    return np.linalg.solve(a, b[..., None])[..., 0], np.linalg.inv(a)
