@@ -95,6 +95,27 @@ def test_sources_on_template_signal_and_negatives_are_not_judged():
     assert len(unresolved_artifacts(crs.iloc[:0], sci, tmpl, tmpl)) == 0
 
 
+def test_a_deep_templates_faint_galaxy_does_not_exempt_a_hit():
+    """The template is a deep coadd (noise 1/10 of the visit's) with a faint
+    galaxy under every source, 0.2 sigma of the visit's noise at its peak: its
+    PSF-weighted flux is S/N ~5.7 in the template's noise and ~0.6 in the
+    science image's.  Hits on it are still judged (and rejected: with the cut
+    in the template's noise none was), point sources on it still kept."""
+    sci, src = _scene(5)
+    yy, xx = np.mgrid[:N, :N]
+    galaxies = np.zeros(sci.shape)
+    for x, y in zip(src.x, src.y):
+        galaxies += 0.2 * SIGMA * np.exp(-0.5 * ((xx - x - 1.5) ** 2 + (yy - y) ** 2) / 4.0**2)
+    tmpl = galaxies + np.random.default_rng(6).normal(0, SIGMA / 10, sci.shape)
+    sci = Exposure(image=sci.image + galaxies, variance=sci.variance, mask=sci.mask,
+                   psf=sci.psf)
+    flags = unresolved_artifacts(src, sci, tmpl, np.full(sci.shape, (SIGMA / 10) ** 2))
+    cr = (src.kind == "cr").to_numpy()
+    # requirement as on an empty template: >= 80 % of the hits rejected, no point source
+    assert flags[cr].mean() >= 0.8
+    assert not flags[~cr].any()
+
+
 def _faint_track_scene(seed, n=768, fwhm=3.8, k=31):
     """Points at S/N 5-60 (model PSF 5 % off in FWHM, e1 0.05 off) and faint tracks."""
     rng = np.random.default_rng(seed)

@@ -24,9 +24,9 @@ in two ways:
   prefer the PSF (measured on an independent simulator's images, see
   ``docs/quality.md``).
 
-Both are applied only where the template is empty (a variable star or a
-transient on a galaxy would be judged against the wrong model) and never to
-negative sources or dipoles.
+Both are applied only where the template shows nothing at the science
+image's noise level (a variable star or a transient on a galaxy would be
+judged against the wrong model) and never to negative sources or dipoles.
 
 Conventions: arrays ``[y, x]``, pixel ``(0, 0)`` is the centre of the first
 pixel, the science image and its variance in any one flux unit (and its square).
@@ -264,8 +264,13 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
         image (a real source's PSF-model error leaves well under 1 %).  The
         same fraction bounds the likelihood ratio.
     template_snr : float
-        Sources whose template holds a PSF-weighted signal above this S/N
-        are not tested.
+        Sources where the template's PSF-weighted flux would show in the
+        science image above this S/N (in the science image's noise) are not
+        tested: there the science stamp holds a static source as well.  In
+        the template's own noise a deep coadd's faint galaxy (0.1-0.2 sigma
+        of a visit's noise per pixel) passed the cut, and a 47-sigma
+        single-pixel hit and a partly masked cosmic-ray track on two
+        independent-simulation images went untested.
     min_delta_chi2 : float
         Likelihood ratio: a source is also rejected when a sharp track fits
         it better than the PSF by more than this chi^2
@@ -292,9 +297,10 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
         if sl is None:
             continue
         core = _core(science.psf, x, y, radius + 3)
-        t_flux, t_snr2 = _template_signal(template_image[sl], template_variance[sl], sl, core,
-                                          x, y)
-        if not np.isfinite(t_snr2) or (t_snr2 > template_snr**2 and t_flux > 0):
+        t_flux = _template_flux(template_image[sl], template_variance[sl], sl, core, x, y)
+        if not np.isfinite(t_flux) or (t_flux > 0 and
+                                       t_flux**2 * _psf_power(science, sl, core, x, y)
+                                       > template_snr**2):
             continue
         excess, snr2, nu = _misfit(science, sl, core, x, y)
         if nu and excess > nsigma * np.sqrt(2.0 * nu) and excess > min_fraction * snr2:
@@ -310,13 +316,19 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
     return out
 
 
-def _template_signal(img, var, sl, core, x, y) -> tuple[float, float]:
-    """PSF-weighted template flux on the stamp ``sl`` and its squared S/N (NaN without template)."""
+def _template_flux(img, var, sl, core, x, y) -> float:
+    """PSF-weighted template flux on the stamp ``sl`` (NaN without template)."""
     bad = ~np.isfinite(img)
     w = inverse_variance_weights(var, bad).ravel()
     m = _placed(core, x, y, sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
     spp = float(np.sum(w * m * m))
     if spp <= 0:
-        return np.nan, np.nan
-    a = float(np.sum(w * m * np.where(bad, 0.0, img).ravel())) / spp
-    return a, a * a * spp
+        return np.nan
+    return float(np.sum(w * m * np.where(bad, 0.0, img).ravel())) / spp
+
+
+def _psf_power(science, sl, core, x, y) -> float:
+    """``sum(w P^2)`` of the science stamp ``sl``: a flux ``f`` there has S/N ``f sqrt(.)``."""
+    _, w, (y0, y1, x0, x1) = _stamp_data(science, sl)
+    m = _placed(core, x, y, y0, y1, x0, x1)
+    return float(np.sum(w * m * m))
