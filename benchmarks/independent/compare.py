@@ -73,7 +73,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", type=Path, help="data-set directories")
-    ap.add_argument("--tags", required=True, help="comma-separated run tags; the first fixes the rows")
+    ap.add_argument("--tags", required=True,
+                    help="comma-separated run tags; the first fixes the rows")
     ap.add_argument("--template", default="loo", choices=["loo", "coadd", "clip"],
                     help="template definition of the expected flux (default: loo, as the workflow)")
     ap.add_argument("--snr", nargs="+", type=float, default=[10.0, 5.5],
@@ -99,8 +100,8 @@ def main(argv=None) -> None:
                     tot[k] = tot.get(k, 0) + v
             for cls, n in r["fp_classes"].items():
                 tot.setdefault("classes", {})[cls] = tot.get("classes", {}).get(cls, 0) + n
-    print(f"total over the {n_total} sets that every run has | " + " | ".join(_fmt({"tag": t} | totals[t], a.snr) if totals[t]
-                                  else f"{t}: -" for t in tags))
+    cells = [_fmt({"tag": t} | totals[t], a.snr) if totals[t] else f"{t}: -" for t in tags]
+    print(f"total over the {n_total} sets that every run has | " + " | ".join(cells))
     for t in tags:
         if totals[t].get("classes"):
             print(f"  {t} false positives by class: {dict(sorted(totals[t]['classes'].items()))}")

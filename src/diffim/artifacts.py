@@ -82,7 +82,7 @@ def point_source_misfit(science, x: float, y: float, radius: int) -> tuple[float
     sl = _region(science.shape, x, y, radius)
     if sl is None:
         return np.nan, np.nan, 0
-    return _misfit(science, sl, _core(science.psf, x, y, radius + 3), x, y)
+    return _misfit(_stamp_data(science, sl), _core(science.psf, x, y, radius + 3), x, y)
 
 
 def _region(shape, x: float, y: float, radius: int):
@@ -105,9 +105,9 @@ def _stamp_data(science, sl):
     return d, w, (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
 
 
-def _misfit(science, sl, core, x: float, y: float) -> tuple[float, float, int]:
-    """:func:`point_source_misfit` on the stamp ``sl`` with the PSF ``core`` at ``(x, y)``."""
-    d, w, (y0, y1, x0, x1) = _stamp_data(science, sl)
+def _misfit(stamp, core, x: float, y: float) -> tuple[float, float, int]:
+    """:func:`point_source_misfit` on a stamp (:func:`_stamp_data`), PSF ``core`` at ``(x, y)``."""
+    d, w, (y0, y1, x0, x1) = stamp
     nu = int(np.count_nonzero(w)) - 3
     if nu < 5:
         return np.nan, np.nan, 0
@@ -297,12 +297,13 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
         if sl is None:
             continue
         core = _core(science.psf, x, y, radius + 3)
+        stamp = _stamp_data(science, sl)
         t_flux = _template_flux(template_image[sl], template_variance[sl], sl, core, x, y)
         if not np.isfinite(t_flux) or (t_flux > 0 and
-                                       t_flux**2 * _psf_power(science, sl, core, x, y)
+                                       t_flux**2 * _psf_power(stamp, core, x, y)
                                        > template_snr**2):
             continue
-        excess, snr2, nu = _misfit(science, sl, core, x, y)
+        excess, snr2, nu = _misfit(stamp, core, x, y)
         if nu and excess > nsigma * np.sqrt(2.0 * nu) and excess > min_fraction * snr2:
             out[i] = True
             continue
@@ -327,8 +328,9 @@ def _template_flux(img, var, sl, core, x, y) -> float:
     return float(np.sum(w * m * np.where(bad, 0.0, img).ravel())) / spp
 
 
-def _psf_power(science, sl, core, x, y) -> float:
-    """``sum(w P^2)`` of the science stamp ``sl``: a flux ``f`` there has S/N ``f sqrt(.)``."""
-    _, w, (y0, y1, x0, x1) = _stamp_data(science, sl)
+def _psf_power(stamp, core, x, y) -> float:
+    """``sum(w P^2)`` of a science stamp (:func:`_stamp_data`): a flux ``f`` there has S/N
+    ``f sqrt(.)``."""
+    _, w, (y0, y1, x0, x1) = stamp
     m = _placed(core, x, y, y0, y1, x0, x1)
     return float(np.sum(w * m * m))

@@ -25,7 +25,8 @@ def robust_std(values) -> float:
     return float(mad_std(v)) if v.size else float("nan")
 
 
-def ridge_solve(a: np.ndarray, b: np.ndarray, ridge: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+def ridge_solve(a: np.ndarray, b: np.ndarray,
+                ridge: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
     """Solve a stack of normal equations ``a x = b`` with a tiny ridge.
 
     Parameters
