@@ -298,9 +298,11 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
             continue
         core = _core(science.psf, x, y, radius + 3)
         stamp = _stamp_data(science, sl)
-        t_flux = _template_flux(template_image[sl], template_variance[sl], sl, core, x, y)
+        m = _placed(core, x, y, *stamp[2])
+        t_flux = _template_flux(template_image[sl], template_variance[sl], m)
+        # the template's flux in the science stamp's noise (S/N^2 = f^2 sum(w P^2))
         if not np.isfinite(t_flux) or (t_flux > 0 and
-                                       t_flux**2 * _psf_power(stamp, core, x, y)
+                                       t_flux**2 * float(np.sum(stamp[1] * m * m))
                                        > template_snr**2):
             continue
         excess, snr2, nu = _misfit(stamp, core, x, y)
@@ -317,20 +319,12 @@ def unresolved_artifacts(sources: pd.DataFrame, science, template_image: np.ndar
     return out
 
 
-def _template_flux(img, var, sl, core, x, y) -> float:
-    """PSF-weighted template flux on the stamp ``sl`` (NaN without template)."""
+def _template_flux(img, var, m) -> float:
+    """Template flux of the stamp ``img`` by a fit of the placed PSF ``m`` (flattened,
+    :func:`_placed`) weighted by ``1 / var`` (NaN without template)."""
     bad = ~np.isfinite(img)
     w = inverse_variance_weights(var, bad).ravel()
-    m = _placed(core, x, y, sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
     spp = float(np.sum(w * m * m))
     if spp <= 0:
         return np.nan
     return float(np.sum(w * m * np.where(bad, 0.0, img).ravel())) / spp
-
-
-def _psf_power(stamp, core, x, y) -> float:
-    """``sum(w P^2)`` of a science stamp (:func:`_stamp_data`): a flux ``f`` there has S/N
-    ``f sqrt(.)``."""
-    _, w, (y0, y1, x0, x1) = stamp
-    m = _placed(core, x, y, y0, y1, x0, x1)
-    return float(np.sum(w * m * m))

@@ -95,15 +95,13 @@ def fit_field(values, variances, u, v, order: int, n_iter: int = 10):
     tau2 = 0.0
     for _ in range(n_iter):
         w = 1.0 / (var + tau2)
-        a = (t * w) @ t.T
-        a += 1e-12 * np.trace(a) * np.eye(t.shape[0])
-        coef = np.linalg.solve(a, (t * w) @ y)
+        coef, cov = ridge_solve((t * w) @ t.T, (t * w) @ y)
         q = float(np.sum(w * (y - coef @ t) ** 2))
         step = (q - dof) / float(np.sum(w))        # Newton step towards Q(tau^2) = dof
         if abs(step) <= 1e-3 * (tau2 + float(np.median(var))) or (tau2 == 0.0 and step <= 0):
             break
         tau2 = max(tau2 + step, 0.0)
-    hat = np.einsum("kn,kl,ln->n", t, np.linalg.inv(a), t) * w
+    hat = np.einsum("kn,kl,ln->n", t, cov, t) * w
     r = (y - coef @ t) / np.maximum(1.0 - hat, 1e-3)
     return coef, float(np.sum(w * r * r) / np.sum(w))
 
