@@ -132,6 +132,7 @@ def main(inp, out, params, wildcards, log=None):
                             "shift_error": noise.systematics.shift_error,
                             "wing_error": noise.systematics.wing_error,
                             "width_error": noise.systematics.width_error,
+                            "shear_error": noise.systematics.shear_error,
                             "leave_one_out_patches": n_loo,
                             "n_unresolved_rejected": n_unresolved})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))

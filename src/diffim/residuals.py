@@ -16,7 +16,7 @@ astrometric noise terms), the residuals are treated as noise, but in the
 *filtered* image where detection happens::
 
     Var[F](x) = c (V * h^2)(x) + eps^2 S_f(x)^2 + delta^2 |grad S_f(x)|^2
-                + zeta^2 (lap S_f(x))^2 + omega^2 W_f(x)^2
+                + zeta^2 (lap S_f(x))^2 + xi^2 |Q S_f(x)|^2 + omega^2 W_f(x)^2
 
 ``F = D * h`` is the filtered difference, ``S_f = S * h`` the filtered
 scene, ``W_f`` that blurred by a Gaussian as wide as the PSF (the residual
@@ -36,16 +36,30 @@ cannot describe it, while a matched filter at its centre sees a point
 source of the opposite sign.  At mag 16-17 stars it left 5-8 sigma
 "detections" on static scenes.
 
-``eps`` (dimensionless), ``delta`` (pixels), ``zeta`` (pixels^2) and
-``omega`` are measured on each difference image itself, at the bright
+The shear term is the rest of a second-moment error: a PSF a little more
+elongated than its model, ``P + (1/2) sum_ij dI_ij d_i d_j P``, whose
+trace-free part is ``e1 (d_xx - d_yy) P / 2 + e2 d_xy P`` with ``e1 =
+(dI_xx - dI_yy) / 2`` and ``e2 = dI_xy``: four lobes, two positive and two
+negative, a PSF-width off the star's centre, so a matched filter sees
+them as two pairs of point sources.  ``|Q S_f|^2 = ((d_xx - d_yy) S_f /
+2)^2 + (d_xy S_f)^2`` is its variance for isotropic ``(e1, e2)``.  The
+independent simulator's visits carry an ellipticity that varies
+quadratically over the field, which the kernel's low-order spatial
+variation and the PSF models follow only in part: at stars of peak S/N
+250-370 the lobes reached 15-38 sigma.
+
+``eps`` (dimensionless), ``delta`` (pixels), ``zeta`` and ``xi``
+(pixels^2) and ``omega`` are measured on each difference image itself, at the bright
 peaks of the scene (:func:`measure_systematics`).  On a disc around every
 such source the amplitudes ``(a, b_x, b_y)`` of ``F ~ a S_f + b . grad
 S_f`` and ``c`` of ``F ~ a S_f + b . grad S_f + c lap S_f`` are fitted by
 weighted least squares, with their covariance from the filtered noise's own
 correlation (``a`` and ``b`` from the first fit: ``lap S_f`` is correlated
 with ``S_f``, and on a small image the joint fit left the scale to a few
-stars).  ``eps^2``, ``delta^2`` and ``zeta^2`` are the variances of these
-amplitudes over the sources beyond their noise (a random-effects estimate);
+stars); ``e1, e2`` are fitted with all six columns (for a round source
+they are orthogonal to the others).  ``eps^2``, ``delta^2``, ``zeta^2`` and
+``xi^2`` are the variances of these amplitudes over the sources beyond
+their noise (a random-effects estimate);
 sources whose amplitude is more than 3 sigma off (variable stars) are left
 out.  ``omega^2`` is then the regression of the remaining excess
 ``F^2 - Var[F]`` on ``W_f^2`` in an annulus outside the disc.
@@ -111,6 +125,10 @@ class Systematics:
     width_error : float
         ``zeta``, RMS amplitude of the width residual ``c lap S_f`` (pixels^2;
         half the error of the PSF's second moment ``sigma^2``).
+    shear_error : float
+        ``xi``, RMS amplitude per component of the shear residual ``e1 (d_xx
+        - d_yy) S_f / 2 + e2 d_xy S_f`` (pixels^2; ``e1`` is half the error of
+        ``I_xx - I_yy``, ``e2`` the error of ``I_xy``).
     wing_sigma : float
         That Gaussian's sigma (pixels).
     n_sources : int
@@ -128,19 +146,21 @@ class Systematics:
     wing_sigma: float = 0.0
     n_sources: int = 0
     width_error: float = 0.0
+    shear_error: float = 0.0
     sources: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
         """True when any term is nonzero."""
         return (self.scale_error > 0 or self.shift_error > 0 or self.wing_error > 0
-                or self.width_error > 0)
+                or self.width_error > 0 or self.shear_error > 0)
 
     def header_cards(self) -> dict:
         """FITS keywords of a difference image that record these terms."""
         return {"SYSSCALE": self.scale_error, "SYSSHIFT": self.shift_error,
                 "SYSWING": self.wing_error, "SYSWSIG": self.wing_sigma,
-                "SYSWIDTH": self.width_error, "SYSNSRC": self.n_sources}
+                "SYSWIDTH": self.width_error, "SYSSHEAR": self.shear_error,
+                "SYSNSRC": self.n_sources}
 
     @classmethod
     def from_meta(cls, meta) -> "Systematics":
@@ -150,11 +170,12 @@ class Systematics:
                    wing_error=float(meta.get("SYSWING", 0.0)),
                    wing_sigma=float(meta.get("SYSWSIG", 0.0)),
                    n_sources=int(meta.get("SYSNSRC", 0)),
-                   width_error=float(meta.get("SYSWIDTH", 0.0)))
+                   width_error=float(meta.get("SYSWIDTH", 0.0)),
+                   shear_error=float(meta.get("SYSSHEAR", 0.0)))
 
 
 def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> np.ndarray:
-    """``eps^2 S_f^2 + delta^2 |grad S_f|^2 + zeta^2 (lap S_f)^2 + omega^2 W_f^2``.
+    """``eps^2 S_f^2 + delta^2 |grad S_f|^2 + zeta^2 (lap S_f)^2 + xi^2 |Q S_f|^2 + omega^2 W_f^2``.
 
     The systematic variance of ``F``.
     ``S_f = S * h`` (non-finite scene pixels count as 0) and ``W_f`` is
@@ -172,6 +193,8 @@ def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> n
         lap *= np.float32(sys.width_error**2)
         out += lap
         del lap
+    if sys.shear_error > 0:
+        out += np.float32(sys.shear_error**2) * shear_power(sf)
     if sys.wing_error > 0:
         wf = fft_convolve(sf, _wing_kernel(sys.wing_sigma))
         out += np.float32(sys.wing_error**2) * wf * wf
@@ -188,6 +211,34 @@ def laplacian(a: np.ndarray) -> np.ndarray:
     c += a[..., 1:-1, 2:]
     c -= 4 * a[..., 1:-1, 1:-1]
     return out
+
+
+def shear_derivatives(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(d_xx - d_yy) a / 2`` and ``d_xy a`` of the last two axes (pixels^-2); 0 on the border.
+
+    Central differences: ``d_xx - d_yy`` from the four nearest neighbours,
+    ``d_xy`` from the four diagonal ones.
+    """
+    q1, q2 = np.zeros_like(a), np.zeros_like(a)
+    c1, c2 = q1[..., 1:-1, 1:-1], q2[..., 1:-1, 1:-1]
+    np.add(a[..., 1:-1, :-2], a[..., 1:-1, 2:], out=c1)
+    c1 -= a[..., :-2, 1:-1]
+    c1 -= a[..., 2:, 1:-1]
+    c1 *= 0.5
+    np.add(a[..., 2:, 2:], a[..., :-2, :-2], out=c2)
+    c2 -= a[..., 2:, :-2]
+    c2 -= a[..., :-2, 2:]
+    c2 *= 0.25
+    return q1, q2
+
+
+def shear_power(a: np.ndarray) -> np.ndarray:
+    """``|Q a|^2 = ((d_xx - d_yy) a / 2)^2 + (d_xy a)^2`` (:func:`shear_derivatives`)."""
+    q1, q2 = shear_derivatives(a)
+    q1 *= q1
+    q2 *= q2
+    q1 += q2
+    return q1
 
 
 def _wing_kernel(sigma: float) -> np.ndarray:
@@ -249,13 +300,14 @@ def _stamp_terms(f, vf, s, b, hk, radius):
     ``f, vf, s`` are one stamp's filtered planes and ``b`` its unusable pixels
     (``hk`` = filter half-width wider).  Returns ``(f, vf, design, yx)`` over
     the usable disc pixels: ``design`` holds the columns ``S_f, dS_f/dx,
-    dS_f/dy, lap S_f`` and ``yx`` the pixel offsets; None when fewer than 80 %
-    of the disc is usable.
+    dS_f/dy, lap S_f, (d_xx - d_yy) S_f / 2, d_xy S_f`` and ``yx`` the pixel
+    offsets; None when fewer than 80 % of the disc is usable.
     """
     gy, gx = np.gradient(s)
     lap = laplacian(s)
+    q1, q2 = shear_derivatives(s)
     inner = (slice(1, -1), slice(1, -1))  # np.gradient is one-sided on the border
-    f, vf, s, gx, gy, lap = (a[inner] for a in (f, vf, s, gx, gy, lap))
+    f, vf, s, gx, gy, lap, q1, q2 = (a[inner] for a in (f, vf, s, gx, gy, lap, q1, q2))
     r = f.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     disc = (xx**2 + yy**2 <= radius**2)
@@ -263,7 +315,7 @@ def _stamp_terms(f, vf, s, b, hk, radius):
     ok = disc & ~centre_bad & (vf > 0)
     if ok.sum() < 0.8 * disc.sum():
         return None
-    design = np.stack([s[ok], gx[ok], gy[ok], lap[ok]], axis=1)
+    design = np.stack([s[ok], gx[ok], gy[ok], lap[ok], q1[ok], q2[ok]], axis=1)
     return f[ok], vf[ok], design, np.stack([yy[ok], xx[ok]], axis=1)
 
 
@@ -280,7 +332,7 @@ def _disc_terms(diff_img, diff_var, bad, scene, h, c_filter, xy, radius):
 
 
 def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
-    """One stamp's ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``(lap S_f)^2``, ``W_f``.
+    """One stamp's ``F``, ``Var_stat F``, ``S_f``, ``|grad S_f|^2``, ``(lap S_f)^2``, ``|Q S_f|^2``, ``W_f``.
 
     On the annulus ``r_in < r <= r_out``.
 
@@ -291,9 +343,11 @@ def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
     sf = sf_big[inner]
     gy, gx = np.gradient(sf)
     lap = laplacian(sf)
+    q2 = shear_power(sf)
     crop = (slice(hk + hg, -(hk + hg)), slice(hk + hg, -(hk + hg)))
     one = (slice(1, -1), slice(1, -1))
-    f, vf, sf, gx, gy, lap, wf = (a[one] for a in (f[inner], vf[inner], sf, gx, gy, lap, wf))
+    f, vf, sf, gx, gy, lap, q2, wf = (a[one] for a in (f[inner], vf[inner], sf, gx, gy, lap,
+                                                       q2, wf))
     r = f.shape[0] // 2
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     rr2 = xx**2 + yy**2
@@ -301,7 +355,7 @@ def _annulus_terms(f, vf, sf_big, wf, b, hk, hg, r_in, r_out):
     ok = ring & ~b[crop][one] & (vf > 0)
     if ok.sum() < 0.8 * ring.sum():
         return None
-    return f[ok], vf[ok], sf[ok], gx[ok] ** 2 + gy[ok] ** 2, lap[ok] ** 2, wf[ok]
+    return f[ok], vf[ok], sf[ok], gx[ok] ** 2 + gy[ok] ** 2, lap[ok] ** 2, q2[ok], wf[ok]
 
 
 def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, xy, r_in, r_out):
@@ -319,15 +373,15 @@ def _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, xy, r_in, r_out)
     return [t for t in terms if t is not None]
 
 
-def _wing_variance(stamps, eps2: float, delta2: float, zeta2: float) -> float:
+def _wing_variance(stamps, eps2: float, delta2: float, zeta2: float, xi2: float) -> float:
     """``omega^2``: weighted LSQ of the annuli's excess ``F^2 - Var`` on ``W_f^2`` (>= 0).
 
-    The excess is taken after the scale, shift and width terms; weights are the
-    inverse squared total variance (its noise is ~ sqrt(2) times it).
+    The excess is taken after the scale, shift, width and shear terms; weights
+    are the inverse squared total variance (its noise is ~ sqrt(2) times it).
     """
     num = den = 0.0
-    for f, vf, sf, g2, l2, wf in stamps:
-        known = vf + eps2 * sf * sf + delta2 * g2 + zeta2 * l2
+    for f, vf, sf, g2, l2, q2, wf in stamps:
+        known = vf + eps2 * sf * sf + delta2 * g2 + zeta2 * l2 + xi2 * q2
         w = 1.0 / known**2
         w4 = wf**2
         num += float(np.sum(w * w4 * (f * f - known)))
@@ -371,7 +425,8 @@ def scale_amplitudes(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray
     the filtered difference ``F = D * h`` is fitted by ``a S_f + b . grad
     S_f + c lap S_f`` (weighted least squares, as in
     :func:`measure_systematics`); ``a`` is the fraction of the source's light
-    left in the difference.  A width residual carries no flux but its
+    left in the difference (the shear columns of :func:`_stamp_terms` are left
+    out: for a round source they are orthogonal to the others).  A width residual carries no flux but its
     PSF-weighted sum does (``-c / sigma^2`` of the star for a Gaussian PSF of
     ``sigma`` px: 6 % at ``c`` = 0.13 px^2 and a FWHM of 3.4 px), so a
     one-term estimate mistakes it for a scale error; here the ``c`` column
@@ -391,7 +446,7 @@ def scale_amplitudes(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray
         if terms is None:
             continue
         f, vf, design, yx = terms
-        fit = _amplitudes(f, vf, design, _noise_covariance(vf, yx, rho_f))
+        fit = _amplitudes(f, vf, design[:, :4], _noise_covariance(vf, yx, rho_f))
         if fit is not None:
             a.append(fit[0][0])
             var.append(fit[1][0, 0])
@@ -510,7 +565,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
                         scene: np.ndarray, h: np.ndarray, c_filter: float, rho: np.ndarray,
                         sources_xy: np.ndarray, *, radius: int,
                         wing_sigma: float) -> Systematics:
-    """Measure ``eps``, ``delta``, ``zeta`` and ``omega`` around bright scene sources.
+    """Measure ``eps``, ``delta``, ``zeta``, ``xi`` and ``omega`` around bright scene sources.
 
     Parameters
     ----------
@@ -527,7 +582,7 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     sources_xy : ndarray (n, 2) int
         Integer ``(x, y)`` of bright scene sources.
     radius : int
-        Disc radius (pixels) around each source for ``eps``, ``delta`` and ``zeta``;
+        Disc radius (pixels) around each source for ``eps``, ``delta``, ``zeta`` and ``xi``;
         ``omega`` is fitted on the annulus out to :data:`WING_RADII` times it.
     wing_sigma : float
         Blur (pixels) of the wing template ``W_f``.
@@ -549,11 +604,13 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
             # from 0 to 0.023 between two encodings of the same pixels)
             cov_f = _noise_covariance(vf, yx, rho_f)
             fit3 = _amplitudes(f, vf, design[:, :3], cov_f)
-            fit4 = _amplitudes(f, vf, design, cov_f)
-            if fit3 is not None and fit4 is not None:
-                # columns: a, b_x, b_y (3-column fit), c, and a of the 4-column fit
-                fits.append((np.append(fit3[0], [fit4[0][3], fit4[0][0]]),
-                             np.append(np.diag(fit3[1]), [fit4[1][3, 3], fit4[1][0, 0]])))
+            fit4 = _amplitudes(f, vf, design[:, :4], cov_f)
+            fit6 = _amplitudes(f, vf, design, cov_f)
+            if fit3 is not None and fit4 is not None and fit6 is not None:
+                # columns: a, b_x, b_y (3-column fit), c, a of the 4-column fit, e1, e2
+                fits.append((np.concatenate([fit3[0], [fit4[0][3], fit4[0][0]], fit6[0][4:]]),
+                             np.concatenate([np.diag(fit3[1]), [fit4[1][3, 3], fit4[1][0, 0]],
+                                             np.diag(fit6[1])[4:]])))
                 xy_used.append((x, y))
                 peaks.append(float(design[:, 0].max()))
     if len(fits) < MIN_SOURCES:
@@ -564,19 +621,22 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
     # the shift is isotropic: both axes are draws of one random effect
     delta2, _ = random_effect(theta[keep, 1:3].ravel(), var[keep, 1:3].ravel())
     zeta2, _ = random_effect(theta[keep, 3], var[keep, 3])
+    # the shear, like the shift, has two components of one random effect
+    xi2, _ = random_effect(theta[keep, 5:7].ravel(), var[keep, 5:7].ravel())
     g = _wing_kernel(wing_sigma)
     kept_xy = np.asarray(xy_used)[keep]
     wings = _wing_terms(diff_img, diff_var, bad, scene, h, g, c_filter, kept_xy,
                         radius, WING_RADII * radius)
-    omega2 = (_wing_variance(wings, eps2, delta2, zeta2) if len(wings) >= MIN_SOURCES
+    omega2 = (_wing_variance(wings, eps2, delta2, zeta2, xi2) if len(wings) >= MIN_SOURCES
               else 0.0)
     out = Systematics(scale_error=float(np.sqrt(eps2)), shift_error=float(np.sqrt(delta2)),
                       wing_error=float(np.sqrt(omega2)), wing_sigma=float(wing_sigma),
                       n_sources=int(keep.sum()), width_error=float(np.sqrt(zeta2)),
+                      shear_error=float(np.sqrt(xi2)),
                       sources=_flux_changes(np.asarray(xy_used, float), np.array(peaks),
                                             theta[:, 4], var[:, 4]))
     logger.info("systematic residuals at %d scene sources (%d outliers left out): "
-                "scale %.4f, shift %.4f px, width %.4f px^2, wings %.4f", out.n_sources,
-                int((~keep).sum()), out.scale_error, out.shift_error, out.width_error,
-                out.wing_error)
+                "scale %.4f, shift %.4f px, width %.4f px^2, shear %.4f px^2, wings %.4f",
+                out.n_sources, int((~keep).sum()), out.scale_error, out.shift_error,
+                out.width_error, out.shear_error, out.wing_error)
     return out
