@@ -20,6 +20,8 @@ from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_
                        write_exposure, write_json, write_table)
 from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
+from diffim.register import header_cards as registration_cards
+from diffim.register import registered_wcs
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
 from diffim.subtract import SHARE_BIN, subtract_images
@@ -86,6 +88,13 @@ def main(inp, out, params, wildcards, log=None):
         psf = template_psf(patches[0].meta["MODELFWH"], calexp.meta["PIXSCALE"], size,
                            calexp.shape)
         template = stitch_template(patches, calexp.wcs, calexp.shape, psf)
+        field, registered = None, False
+        if cfg["register"]:
+            wcs, field = registered_wcs(science, template)
+            if wcs is not None:  # the template again, on the science image's stars
+                template = stitch_template(patches, wcs, calexp.shape, psf)
+                science, calexp = replace(science, wcs=wcs), replace(calexp, wcs=wcs)
+                registered = True
         result = subtract_images(science, template, mode=cfg["mode"],
                                  kernel_spatial_order=cfg["kernel_spatial_order"],
                                  background_order=cfg["background_order"],
@@ -111,6 +120,7 @@ def main(inp, out, params, wildcards, log=None):
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo,
                      **noise.systematics.header_cards(),
+                     **registration_cards(field, registered),
                      **significance.local_scale.header_cards())
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
@@ -133,6 +143,10 @@ def main(inp, out, params, wildcards, log=None):
                             "wing_error": noise.systematics.wing_error,
                             "width_error": noise.systematics.width_error,
                             "shear_error": noise.systematics.shear_error,
+                            "registration_applied": registered,
+                            "registration_pairs": field.n_used if field else 0,
+                            "registration_rms_px": field.scatter_after if field else 0.0,
+                            "registration_max_px": field.largest if field else 0.0,
                             "leave_one_out_patches": n_loo,
                             "n_unresolved_rejected": n_unresolved})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))

@@ -318,6 +318,55 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
                         max_rms_arcsec)
 
 
+#: Largest error (pixels) of :func:`shifted_wcs`'s TAN-SIP against the exact
+#: composition on its grid; the order is raised (up to 5) until it is met.
+SHIFTED_WCS_TOLERANCE = 2e-3
+
+
+def shifted_wcs(wcs: WCS, shape, offset, *, n_grid: int = 41) -> WCS | None:
+    """The TAN-SIP WCS ``W'(x) = W(x - d(x))``: ``wcs`` moved by a pixel offset field.
+
+    A star that ``wcs`` puts at pixel ``x - d(x)`` is at ``x`` under the
+    result; :mod:`diffim.register` uses it to carry the template onto the
+    science image's stars.
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        Celestial WCS (TAN or TAN-SIP, or anything astropy evaluates).
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    offset : callable
+        ``offset(x, y) -> (d_x, d_y)``, pixels, at 0-based pixel positions.
+    n_grid : int
+        The composition is sampled on ``n_grid x n_grid`` points spanning the
+        image (and 5 % beyond it) and fitted by a polynomial of the order of
+        ``wcs``'s SIP (at least that of the field, see ``offset.order``),
+        raised until it reproduces the samples to :data:`SHIFTED_WCS_TOLERANCE`.
+
+    Returns
+    -------
+    astropy.wcs.WCS or None
+        None when no order up to 5 reproduces the composition (an exotic
+        input WCS): the caller keeps ``wcs``.
+    """
+    ny, nx = shape
+    gx, gy = np.meshgrid(np.linspace(-0.05 * nx, 1.05 * (nx - 1), n_grid),
+                         np.linspace(-0.05 * ny, 1.05 * (ny - 1), n_grid))
+    gx, gy = gx.ravel(), gy.ravel()
+    dx, dy = offset(gx, gy)
+    ra, dec = (np.asarray(a, float) for a in wcs.all_pix2world(gx - dx, gy - dy, 0))
+    centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+    crval = np.asarray(wcs.all_pix2world([centre[0]], [centre[1]], 0), float).ravel()
+    sip_order = max(wcs.sip.a_order, wcs.sip.b_order) if wcs.sip is not None else 1
+    for order in range(max(sip_order, getattr(offset, "order", 1), 1), 6):
+        model = _fit_poly(gx, gy, ra, dec, centre, crval, order)
+        rx, ry = _residuals_px(model, gx, gy, ra, dec)
+        if float(np.max(np.hypot(rx, ry))) <= SHIFTED_WCS_TOLERANCE:
+            return _to_astropy(model, shape)
+    return None
+
+
 def _validate(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, shape,
               min_matches, clip, n_search, max_shift_arcsec, max_rot_deg,
               max_scale):
