@@ -118,9 +118,10 @@ def main(inp, out, params, wildcards, log=None):
     table = dia_table(sources, calexp, visit, detector)
     diff = result.difference
     diff.meta.update({k: calexp.meta[k] for k in ("VISIT", "DETECTOR", "BAND", "MIDMJD")})
+    reg_cards = registration_cards(field, registered)
     diff.meta.update(MODE=result.mode, KSUM=float(result.kernel_sum), NLOO=n_loo,
                      **noise.systematics.header_cards(),
-                     **registration_cards(field, registered),
+                     **reg_cards,
                      **significance.local_scale.header_cards())
     # the template in the visit frame, for cutouts and for users checking a detection
     template_hdu = fits.ImageHDU(template.image, name="TEMPLATE")
@@ -144,9 +145,9 @@ def main(inp, out, params, wildcards, log=None):
                             "width_error": noise.systematics.width_error,
                             "shear_error": noise.systematics.shear_error,
                             "registration_applied": registered,
-                            "registration_pairs": field.n_used if field else 0,
-                            "registration_rms_px": field.scatter_after if field else 0.0,
-                            "registration_max_px": field.largest if field else 0.0,
+                            "registration_pairs": reg_cards["REGNPAIR"],
+                            "registration_rms_px": reg_cards["REGRMS"],
+                            "registration_max_px": reg_cards["REGMAX"],
                             "leave_one_out_patches": n_loo,
                             "n_unresolved_rejected": n_unresolved})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))

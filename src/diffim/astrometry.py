@@ -323,7 +323,8 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
 SHIFTED_WCS_TOLERANCE = 2e-3
 
 
-def shifted_wcs(wcs: WCS, shape, offset, *, n_grid: int = 41) -> WCS | None:
+def shifted_wcs(wcs: WCS, shape, offset, *, min_order: int = 1,
+                n_grid: int = 41) -> WCS | None:
     """The TAN-SIP WCS ``W'(x) = W(x - d(x))``: ``wcs`` moved by a pixel offset field.
 
     A star that ``wcs`` puts at pixel ``x - d(x)`` is at ``x`` under the
@@ -338,11 +339,14 @@ def shifted_wcs(wcs: WCS, shape, offset, *, n_grid: int = 41) -> WCS | None:
         ``(ny, nx)`` of the image.
     offset : callable
         ``offset(x, y) -> (d_x, d_y)``, pixels, at 0-based pixel positions.
+    min_order : int
+        Polynomial order of ``offset`` (the fit starts at the larger of it
+        and ``wcs``'s SIP order).
     n_grid : int
         The composition is sampled on ``n_grid x n_grid`` points spanning the
-        image (and 5 % beyond it) and fitted by a polynomial of the order of
-        ``wcs``'s SIP (at least that of the field, see ``offset.order``),
-        raised until it reproduces the samples to :data:`SHIFTED_WCS_TOLERANCE`.
+        image (and 5 % beyond it) and fitted by a TAN-SIP polynomial whose
+        order is raised until it reproduces the samples to
+        :data:`SHIFTED_WCS_TOLERANCE`.
 
     Returns
     -------
@@ -359,7 +363,7 @@ def shifted_wcs(wcs: WCS, shape, offset, *, n_grid: int = 41) -> WCS | None:
     centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
     crval = np.asarray(wcs.all_pix2world([centre[0]], [centre[1]], 0), float).ravel()
     sip_order = max(wcs.sip.a_order, wcs.sip.b_order) if wcs.sip is not None else 1
-    for order in range(max(sip_order, getattr(offset, "order", 1), 1), 6):
+    for order in range(max(sip_order, min_order, 1), 6):
         model = _fit_poly(gx, gy, ra, dec, centre, crval, order)
         rx, ry = _residuals_px(model, gx, gy, ra, dec)
         if float(np.max(np.hypot(rx, ry))) <= SHIFTED_WCS_TOLERANCE:

@@ -39,9 +39,9 @@ from . import masks
 from .detect import bright_peaks
 from .exposure import Exposure
 from .astrometry import shifted_wcs
-from .psf import FWHM_PER_SIGMA
+from .psf import FWHM_PER_SIGMA, poly_terms
 from .residuals import random_effect
-from .stats import robust_std
+from .stats import ridge_solve, robust_std
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,8 @@ class OffsetField:
 
 
 def _design(x, y, order, centre, norm):
-    """Monomials ``u^i v^j`` (``i + j <= order``) of ``u, v = (x, y) - centre) / norm``."""
-    u, v = (x - centre[0]) / norm, (y - centre[1]) / norm
-    terms = [(d - j, j) for d in range(order + 1) for j in range(d + 1)]
-    return np.column_stack([u**i * v**j for i, j in terms])
+    """Columns :func:`diffim.psf.poly_terms` of ``(u, v) = ((x, y) - centre) / norm``."""
+    return poly_terms((x - centre[0]) / norm, (y - centre[1]) / norm, order).T
 
 
 def _snr(img, var, bad, psf, x, y):
@@ -196,15 +194,13 @@ def _fit_order(x, y, d, w, order, centre, norm, keep):
     a = _design(x, y, order, centre, norm) * np.sqrt(w)[:, None]
     b = d * np.sqrt(w)[:, None]
     normal = a[keep].T @ a[keep]
-    try:
-        cov = np.linalg.inv(normal)
-    except np.linalg.LinAlgError:
-        return None
-    coef = cov @ (a[keep].T @ b[keep])          # (n_terms, 2)
-    resid = b - a @ coef                        # normalised residuals, every pair
+    # one system per axis, the same matrix
+    coef, cov = ridge_solve(np.stack([normal, normal]), (a[keep].T @ b[keep]).T)
+    cov = cov[0]
+    resid = b - a @ coef.T                      # normalised residuals, every pair
     lev = np.einsum("ij,jk,ik->i", a, cov, a)   # leverage (in-fit pairs only meaningful)
     loo = np.where(keep[:, None], resid / np.clip(1.0 - lev, 1e-3, None)[:, None], resid)
-    return coef.T, resid, loo
+    return coef, resid, loo
 
 
 def _clipped_fit(x, y, d, w, order, centre, norm, n_iter=5):
@@ -213,10 +209,7 @@ def _clipped_fit(x, y, d, w, order, centre, norm, n_iter=5):
     for _ in range(n_iter):
         if keep.sum() < PAIRS_PER_TERM * (order + 1) * (order + 2) // 2:
             return None
-        fit = _fit_order(x, y, d, w, order, centre, norm, keep)
-        if fit is None:
-            return None
-        coef, resid, loo = fit
+        coef, resid, loo = _fit_order(x, y, d, w, order, centre, norm, keep)
         scale = max(robust_std(resid[keep].ravel()), 1e-6)
         new_keep = np.all(np.abs(resid) <= CLIP * scale, axis=1)
         if np.array_equal(new_keep, keep):
@@ -333,7 +326,7 @@ def registered_wcs(science: Exposure, template: Exposure):
     field = register_to_template(science, template)
     if field is None or field.largest < MIN_CORRECTION:
         return None, field
-    wcs = shifted_wcs(science.wcs, science.shape, field)
+    wcs = shifted_wcs(science.wcs, science.shape, field, min_order=field.order)
     if wcs is None:
         logger.warning("registration to the template: the corrected WCS is not representable "
                        "as TAN-SIP; the calexp's WCS is kept")
