@@ -243,9 +243,9 @@ def test_variable_star_left_out_of_the_measurement():
 def test_shift_measured_on_the_scale_outliers_too():
     """40 of the 100 brightest stars are off in scale by 10-30 % (variables, blends)
     and carry shifts of 0.06 px r.m.s., the others 0.01 px.  A variable changes its
-    flux, not its position, so the scale's outliers still count for the shift: 0.01
-    px from the others alone (the earlier estimate) would leave those stars' dipoles
-    as detections."""
+    flux, not its position, and its shift is fitted beside its scale, so the scale's
+    outliers still count for the image's shift term (before, it was measured on the
+    other 60 alone)."""
     rng = np.random.default_rng(21)
     _, _, (_, _, flux) = make_scene(seed=21)
     odd = np.argsort(flux)[::-1][:100][rng.permutation(100)[:40]]
