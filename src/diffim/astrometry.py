@@ -64,14 +64,6 @@ _FALSE_ALARM = 1e-3
 _AMBIGUITY_RATIO = 0.5
 #: Matches per polynomial coefficient (per axis) needed to use a SIP order.
 _MATCHES_PER_TERM = 5
-#: The same when the matches are weighted by their centroid errors
-#: (``position_err``): the bright stars then carry the fit, and the
-#: leave-one-out choice of the order judges on them.  On the independent
-#: simulator's 1000 x 1040 images (30-50 matches, a cubic distortion of
-#: ~3 px at the corners) order 3 from 30 matches put the bright stars'
-#: median offset from the reference catalogue at 0.013 px where order 2
-#: (the limit at 5 per term) left 0.022 px and 0.15 px at some corners.
-_WEIGHTED_MATCHES_PER_TERM = 3
 #: Fewest clipped matches per coefficient for an order to be considered.
 _KEPT_PER_TERM = 2
 #: A higher SIP order must lower the leave-one-out scatter by more than this
@@ -264,8 +256,7 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
         Largest fractional header scale error searched.
     sip_order : int
         Largest SIP order of the final fit; lowered automatically when there
-        are fewer than ``5 * (order + 1) * (order + 2) / 2`` matches (``3 *``
-        with ``position_err``: :data:`_WEIGHTED_MATCHES_PER_TERM`), and to
+        are fewer than ``5 * (order + 1) * (order + 2) / 2`` matches, and to
         the order (>= 2) whose leave-one-out residuals are smallest
         (:func:`_fit_clipped`).  ``< 2``
         fits a pure TAN WCS.  When the matches support only a linear fit and
@@ -282,7 +273,9 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
         many reference stars are used).
     position_err : array_like, optional
         Per-axis centroid error of each source, pixels (for a windowed
-        centroid about ``sqrt(2) sigma_PSF / SNR``).  Each match is then
+        centroid about ``sqrt(2) sigma_PSF / SNR``, :func:`diffim.psf.
+        centroid_error`; a source with a non-finite error is left out, as
+        one with a non-finite position).  Each match is then
         weighted by ``1 / (err^2 + tau^2)``, ``tau^2`` being the matches'
         own scatter beyond their errors (:func:`_match_scatter`), and
         clipped on its residual in units of ``sqrt(err^2 + tau^2)``.
@@ -680,11 +673,10 @@ def _raise_no_peak(votes, bkg, n_ref_in_field):
 # iterative fit
 
 
-def _usable_order(n, sip_order, weighted=False):
+def _usable_order(n, sip_order):
     """Highest polynomial order <= max(sip_order, 1) that n matches support."""
     order = max(int(sip_order), 1)
-    per_term = _WEIGHTED_MATCHES_PER_TERM if weighted else _MATCHES_PER_TERM
-    while order > 1 and n < per_term * (order + 1) * (order + 2) // 2:
+    while order > 1 and n < _MATCHES_PER_TERM * (order + 1) * (order + 2) // 2:
         order -= 1
     return order
 
@@ -714,7 +706,7 @@ def _iterate_fit(src, ref, i_ref, m_src, m_ref, centre, approx_wcs, scale_as, *,
             break
         radius = max(_MIN_RADIUS_PX, 2.0 * clip * sigma_px)
         new_src, new_ref = _rematch(model, src, ra_f, dec_f, scale_as, radius)
-        new_order = _usable_order(len(new_src), sip_order, weighted=bool(np.any(src["err"] > 0)))
+        new_order = _usable_order(len(new_src), sip_order)
         logger.debug("astrometry iteration %d: %d matches within %.2f px, "
                      "sigma %.3f px, next order %d", it, len(new_src), radius,
                      sigma_px, new_order)
