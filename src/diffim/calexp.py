@@ -23,7 +23,7 @@ from .errors import (CalibrationError, InputError, NoUsableStarsError, PsfFitErr
                      PsfKernelTooSmallError)
 from .exposure import Exposure
 from .photometry import fit_zeropoint, njy_per_electron
-from .psf import MAX_AUTO_KERNEL_SIZE, kernel_size_for
+from .psf import MAX_AUTO_KERNEL_SIZE, centroid_error, kernel_size_for
 from .psffit import fit_psf, measure_psf_flux
 from .sources import detect_sources, estimate_psf_fwhm, select_psf_stars
 
@@ -283,12 +283,15 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
     band = meta["band"]
     ref = _refcat_for_band(refcat, band, path)
     sources = ch.sources
+    psf_fit = ch.psf_fit
+    # snr at least 1: a source without a flux error still helps the pattern search
+    err = centroid_error(psf_fit.psf.fwhm(), np.maximum(sources["snr"].to_numpy(), 1.0))
     astro = fit_wcs(sources["x"].to_numpy(), sources["y"].to_numpy(), sources["flux"].to_numpy(),
                     ref["ra"].to_numpy(), ref["dec"].to_numpy(), ref[f"{band}_mag"].to_numpy(),
                     approx_wcs, shape=image.shape, max_shift_arcsec=config.max_shift_arcsec,
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
-                    sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec)
-    psf_fit = ch.psf_fit
+                    sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec,
+                    position_err=err)
     zp, phot = _calibrate(ch.image, ch.variance, ch.mask, psf_fit.psf, sources, astro, ref, band)
     sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
     exposure = Exposure(image=ch.image, variance=ch.variance, mask=ch.mask, wcs=astro.wcs,

@@ -26,6 +26,19 @@ import numpy as np
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
+def centroid_error(fwhm, snr):
+    """Per-axis error (pixels) of a point source's windowed centroid.
+
+    ``sqrt(2) sigma / SNR`` with ``sigma = fwhm / 2.355``: the Cramer-Rao
+    bound of a Gaussian source's position on a flat background, which a
+    window of the PSF's own size nearly reaches.  ``fwhm`` in pixels;
+    ``snr`` the source's flux S/N (non-positive gives ``inf``).
+    """
+    snr = np.asarray(snr, float)
+    with np.errstate(divide="ignore"):
+        return np.where(snr > 0, np.sqrt(2.0) * fwhm / FWHM_PER_SIGMA / snr, np.inf)
+
+
 def poly_terms(u, v, order: int) -> np.ndarray:
     """Monomials ``u**i v**j`` with ``i + j <= order``.
 

@@ -1,13 +1,14 @@
 """Registration of a visit to its template, star by star.
 
-The calexp's WCS is fitted to a reference catalog.  Where that catalog is
-sparse or its positions are noisy, the fit is good to a tenth of a pixel or
-worse, and worst near the edges, where a polynomial of order 3 is held by
-few stars: on the independent simulator's 1000 x 1040 images (30-35
-astrometric stars, 0.23 px r.m.s. per star) bright stars 30 rows from an
-edge sat 0.3 px from where the template had them, and their residuals were
-detected as dipoles at S/N 20-70.  The template does not share that error:
-it is the mean of many visits, each registered on its own.
+The calexp's WCS is fitted to a reference catalog; the template in the visit
+frame is the mean of other visits, each resampled through its own fitted WCS.
+Where few stars hold a fit, it is good to a few hundredths of a pixel at
+best and worse near the edges, and the template can be off where it comes
+from one or two visits (on the independent simulator's 1000 x 1040 images,
+before the astrometric fit was weighted by the stars' centroid errors, a
+bright star 30 rows from an edge sat 0.3 px from where the template had it,
+from one other visit whose fit had clipped that star, and its residual was
+detected as a dipole at S/N 21).
 
 So the visit is registered to the template directly.  At bright stars of
 the template (in the visit frame, resampled with the calexp's WCS) the
@@ -39,7 +40,7 @@ from . import masks
 from .detect import bright_peaks
 from .exposure import Exposure
 from .astrometry import shifted_wcs
-from .psf import FWHM_PER_SIGMA, poly_terms
+from .psf import FWHM_PER_SIGMA, centroid_error, poly_terms
 from .residuals import random_effect
 from .stats import ridge_solve, robust_std
 
@@ -183,9 +184,8 @@ def star_pairs(science: np.ndarray, science_var: np.ndarray, template: np.ndarra
     xs, ys = _centroids(science, bad, x.astype(float), y.astype(float), sigma)
     xt, yt = _centroids(template, bad, x.astype(float), y.astype(float), sigma)
     ok = np.isfinite(xs) & np.isfinite(xt)
-    # a windowed centroid of a Gaussian source: sqrt(2) sigma / SNR per axis
-    err = np.sqrt(2.0) * sigma * np.sqrt(1.0 / snr_s**2 + 1.0 / snr_t**2)
-    err = np.sqrt(err**2 + ERROR_FLOOR**2)
+    err = np.sqrt(centroid_error(fwhm, snr_s)**2 + centroid_error(fwhm, snr_t)**2
+                  + ERROR_FLOOR**2)
     return {"xs": xs[ok], "ys": ys[ok], "xt": xt[ok], "yt": yt[ok], "err": err[ok]}
 
 
