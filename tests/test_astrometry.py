@@ -13,6 +13,7 @@ from astropy.wcs import WCS, Sip
 
 from diffim.astrometry import AstrometryResult, fit_wcs, match_catalogs
 from diffim.errors import AstrometryError
+from diffim.psf import centroid_error
 
 # Mild distortion: about 1 px at the corners of a 4000 px image.
 SIP_MILD = {"A_2_0": 1.5e-7, "A_1_1": -1.0e-7, "B_0_2": 1.2e-7, "B_1_1": 0.8e-7}
@@ -453,7 +454,7 @@ def _understated_errors_field(seed, shape, n=70):
     rng = np.random.default_rng(seed)
     xy = np.column_stack([rng.uniform(5, nx - 5, n), rng.uniform(5, ny - 5, n)])
     snr = np.concatenate([10 ** rng.uniform(1.5, 3.5, n // 2), rng.uniform(1.0, 8.0, n - n // 2)])
-    err = np.sqrt(2) * 3.6 / snr
+    err = centroid_error(8.6, snr)
     meas = xy + rng.normal(size=xy.shape) * np.hypot(0.25, np.minimum(err, 0.3))[:, None]
     ra, dec = truth.all_pix2world(xy[:, 0], xy[:, 1], 0)
     cat = {"x": meas[:, 0], "y": meas[:, 1], "flux": 100 * snr, "ref_ra": ra, "ref_dec": dec,
