@@ -132,13 +132,6 @@ def main(inp, out, params, wildcards, log=None):
         share_hdu.header["SHAREBIN"] = (SHARE_BIN, "pixels per block side")
         share_hdu.header["COMMENT"] = "template share of the per-pixel variance, 0-1"
         extra.append(share_hdu)
-    local = noise.systematics.local
-    if local is not None and len(local):  # the sources' own residual terms, for forced photometry
-        local_hdu = fits.ImageHDU(np.asarray(local, np.float64), name="SYSLOCAL")
-        local_hdu.header["LOCRAD"] = (noise.systematics.local_radius, "disc radius, pixels")
-        local_hdu.header["COMMENT"] = ("rows: x, y (pixels), excess shift^2 (px^2), "
-                                       "width^2 and shear^2 (px^4) variances")
-        extra.append(local_hdu)
     write_exposure(out.diff, diff, extra_hdus=extra)
     write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
     write_ds9_regions(out.regions, table)

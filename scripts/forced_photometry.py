@@ -4,7 +4,6 @@ from diffim.io import (read_exposure, read_extension, read_json, read_optional_e
                        read_table, write_table)
 from diffim.lightcurves import empty_light_curves, forced_photometry
 from diffim.noisescale import BlockMap
-from diffim.residuals import Systematics
 from diffim.runlog import setup_logging
 
 
@@ -19,14 +18,9 @@ def main(diff_path, status_path, objects_path, output, log=None):
     m = diff.meta
     stored = read_optional_extension(diff_path, "TSHARE")  # the template's variance share
     share = None if stored is None else BlockMap(stored[0], int(stored[1]["SHAREBIN"]))
-    systematics = Systematics.from_meta(m)
-    local = read_optional_extension(diff_path, "SYSLOCAL")  # sources' own residual terms
-    if local is not None:
-        systematics = systematics.with_local(local[0], int(local[1]["LOCRAD"]))
     table = forced_photometry(diff, read_table(objects_path), int(m["VISIT"]), int(m["DETECTOR"]),
                               str(m["BAND"]), float(m["MIDMJD"]),
-                              scene=read_extension(diff_path, "TEMPLATE"), template_share=share,
-                              systematics=systematics)
+                              scene=read_extension(diff_path, "TEMPLATE"), template_share=share)
     write_table(output, table)
     logger.info("forced photometry of %d DIAObjects on visit %s", len(table), m["VISIT"])
 

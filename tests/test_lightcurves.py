@@ -11,7 +11,6 @@ from diffim import masks
 from diffim.exposure import Exposure
 from diffim.lightcurves import forced_photometry, mark_detections
 from diffim.psf import PsfModel
-from diffim.residuals import Systematics
 
 FWHM, K, SIGMA_PIX = 3.0, 21, 10.0     # px, kernel size, per-pixel noise (nJy)
 SPACING = 25                            # px between injections (> K: independent fits)
@@ -82,29 +81,6 @@ def test_off_image_and_no_data_positions_are_skipped():
     assert len(lc) == 12 and (lc["x"] > SPACING + 10).all()
     none = forced_photometry(exp, far, 1, 0, "g", 1.0)
     assert len(none) == 0 and "psfFlux" in none.columns
-
-
-def test_sources_own_residual_terms_reach_forced_errors():
-    """The diff rule stores the static sources' own shape terms (``SYSLOCAL``);
-    given them, forced photometry's errors grow at those sources as the
-    detection's do, and nowhere else."""
-    exp, objects, x, y = _injected(n_side=3)
-    scene = sum(_gaussian_source(exp.shape, xi, yi, 2e5) for xi, yi in zip(x, y))
-    args = (exp, objects, 1, 0, "r", 1.0)
-    plain = forced_photometry(*args, scene=scene)
-    own = Systematics().with_local([[round(x[4]), round(y[4]), 0.01, 0.0, 0.0]], radius=8)
-    local = forced_photometry(*args, scene=scene, systematics=own)
-    others = np.arange(len(x)) != 4
-    np.testing.assert_allclose(local["psfFluxErr"][others], plain["psfFluxErr"][others],
-                               rtol=1e-12)
-    # 0.1 px of excess shift scatter at a 2e5 nJy star of 3 px FWHM: the flux error
-    # of a PSF fit there is ~2,200 nJy (measured) against 47 nJy of pixel noise
-    assert local["psfFluxErr"][4] > 10 * plain["psfFluxErr"][4]
-    np.testing.assert_array_equal(local["psfFlux"], plain["psfFlux"])
-    with pytest.raises(ValueError, match=r"\(m, 5\)"):
-        Systematics().with_local(np.zeros((2, 4)), radius=8)
-    with pytest.raises(ValueError, match="radius"):
-        Systematics().with_local(np.zeros((2, 5)), radius=0)
 
 
 def test_mark_detections():

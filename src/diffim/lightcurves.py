@@ -61,8 +61,7 @@ def object_pixels(wcs, objects: pd.DataFrame, shape) -> tuple[np.ndarray, np.nda
 def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int,
                       detector: int, band: str, mjd: float, *,
                       scene: np.ndarray | None = None,
-                      template_share: BlockMap | None = None,
-                      systematics: Systematics | None = None) -> pd.DataFrame:
+                      template_share: BlockMap | None = None) -> pd.DataFrame:
     """PSF fluxes (nJy) of every DIAObject that falls on one difference image.
 
     Parameters
@@ -81,10 +80,6 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
         The difference's template-share map (its ``TSHARE`` extension), which
         the local noise scale recorded in the header follows
         (:class:`diffim.noisescale.LocalNoiseScale`).
-    systematics : Systematics, optional
-        The systematic terms with the sources' own (``local``) terms, as the
-        ``diff`` rule measured them; default: the terms in the header
-        (:meth:`~diffim.residuals.Systematics.from_meta`, without local terms).
 
     Returns
     -------
@@ -104,9 +99,7 @@ def forced_photometry(diff_exposure: Exposure, objects: pd.DataFrame, visit: int
     if not inside.any():
         return empty_light_curves()
     meta = diff_exposure.meta
-    if systematics is None:
-        systematics = Systematics.from_meta(meta)
-    noise = noise_terms(diff_exposure, systematics=systematics,
+    noise = noise_terms(diff_exposure, systematics=Systematics.from_meta(meta),
                         local_scale=LocalNoiseScale.from_meta(meta, diff_exposure.shape,
                                                               share=template_share))
     flux, err = forced_psf_photometry(diff_exposure, x[inside], y[inside], noise=noise,

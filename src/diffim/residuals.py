@@ -84,7 +84,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -152,9 +152,12 @@ class Systematics:
         (:func:`_local_terms`): integer ``x, y`` and the excess variances of
         the shift (pixels^2 per axis), the width and the shear amplitudes
         (pixels^4), added on a disc of ``local_radius`` pixels around them.
-        Not in :meth:`header_cards`: the ``diff`` rule writes them as the
-        difference image's ``SYSLOCAL`` extension and forced photometry
-        reads them back (:meth:`with_local`).
+        Not recorded in headers: forced photometry, which reads the terms
+        back, goes without them on purpose.  It measures DIAObjects, and a
+        source's "own shape residual" there is mostly the object's own
+        change when it is blended with the scene peak: given these terms, a
+        transient 2.7 px from a template peak got a forced error of 809 nJy
+        instead of 192 (twenty-seventh session, ``docs/quality.md``).
     local_radius : int
         That disc's radius (pixels).
     """
@@ -183,21 +186,6 @@ class Systematics:
                 "SYSWING": self.wing_error, "SYSWSIG": self.wing_sigma,
                 "SYSWIDTH": self.width_error, "SYSSHEAR": self.shear_error,
                 "SYSNSRC": self.n_sources}
-
-    def with_local(self, local, radius: int) -> "Systematics":
-        """These terms with the sources' own terms ``local`` (rows of 5, see above).
-
-        Raises
-        ------
-        ValueError
-            ``local`` is not an (m, 5) array of finite values, or ``radius`` < 1.
-        """
-        local = np.asarray(local, dtype=float)
-        if local.ndim != 2 or local.shape[1] != 5 or not np.isfinite(local).all():
-            raise ValueError(f"local terms must be a finite (m, 5) array, got shape {local.shape}")
-        if int(radius) < 1:
-            raise ValueError(f"the local terms' disc radius must be >= 1 pixel, got {radius}")
-        return replace(self, local=local, local_radius=int(radius))
 
     @classmethod
     def from_meta(cls, meta) -> "Systematics":
