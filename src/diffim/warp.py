@@ -27,7 +27,7 @@ How a warp is computed
    ``scipy.ndimage.map_coordinates`` (cubic spline) was measured on the same
    13.6 Mpix image plane: 1.47 s CPU against 1.41 s here on one thread.
    ``reproject.reproject_interp`` (bicubic), which computes the exact WCS
-   transform at every pixel, took 12-19 s for one 4k plane where this takes
+   transform at every pixel, took 12-20 s for one 4k plane where this takes
    ~3 s for image, variance and mask (``benchmarks/bench_warp.py``); its
    spline is the more accurate interpolant on smooth images (0.07 % of the
    peak against 0.3 % on sigma = 2 px stars, ``tests/test_warp.py``), but
