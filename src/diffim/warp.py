@@ -63,6 +63,7 @@ centres at integers).
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -285,6 +286,7 @@ def _lanczos_order(kernel: str) -> int:
                      f"(default 'lanczos3')")
 
 
+@functools.lru_cache(maxsize=8)
 def lanczos_table(order: int, resolution: int = _LUT_RESOLUTION) -> np.ndarray:
     """Lanczos weights exact for cubics, shape ``(2 order, resolution + 1)``.
 
@@ -304,7 +306,8 @@ def lanczos_table(order: int, resolution: int = _LUT_RESOLUTION) -> np.ndarray:
     the spread between positions (``tests/test_warp.py``).  Degree 4 would
     halve the error at sigma 2 px but double it at sigma 1 px.  (With 4 taps,
     ``"lanczos2"``, the constraints leave no freedom: cubic Lagrange
-    interpolation.)
+    interpolation.)  Computed once per ``(order, resolution)`` (a few ms) and
+    shared by every warp: the returned array is read-only.
     """
     frac = np.arange(resolution + 1) / resolution
     taps = np.arange(-order + 1, order + 1)
@@ -319,7 +322,9 @@ def lanczos_table(order: int, resolution: int = _LUT_RESOLUTION) -> np.ndarray:
     gram = np.einsum("qnk,qmk->qnm", powers, powers)
     lam = np.linalg.solve(gram, miss[..., None])[..., 0]
     w += np.einsum("qnk,qn->kq", powers, lam)
-    return w.astype(np.float32)
+    table = w.astype(np.float32)
+    table.flags.writeable = False
+    return table
 
 
 def _fold_outer(w2: np.ndarray, keep: int) -> np.ndarray:
