@@ -79,8 +79,9 @@ from .exposure import Exposure
 from .noisescale import BlockMap, LocalNoiseScale
 from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
-from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
-                        Systematics, measure_systematics, systematic_variance)
+from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, OUTLIER_FACTOR, SPARSE_SOURCE_SNR,
+                        SPARSE_SOURCES, Systematics, flux_factor, measure_systematics,
+                        systematic_variance, systematic_variance_at)
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +448,8 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     peaks above S/N :data:`~diffim.residuals.MIN_SOURCE_SNR`, or in a sparse
     image with fewer than :data:`~diffim.residuals.SPARSE_SOURCES` of them on
     its brightest ``SPARSE_SOURCES`` above
-    :data:`~diffim.residuals.SPARSE_SOURCE_SNR`.  ``local_scale``
+    :data:`~diffim.residuals.SPARSE_SOURCE_SNR`, and their flux factor on the
+    same sources (:func:`diffim.residuals.flux_factor`).  ``local_scale``
     (read back from such a header) is kept as given; without it
     :func:`significance_maps` measures one, following ``template_share``
     (:attr:`diffim.subtract.SubtractionResult.template_share`) when given.
@@ -474,7 +476,43 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
                               xy, radius=radius,
                               wing_sigma=diff.psf.fwhm())
+    if sys.active and sys.sources is not None and len(sys.sources):
+        sys = replace(sys, flux_factor=_measure_flux_factor(diff, bad, scene, h, terms.c_filter,
+                                                            sys))
     return replace(terms, systematics=sys)
+
+
+def _filtered_at(image, weights, bad, x, y) -> np.ndarray:
+    """``sum(image * weights)`` over the stamp centred on each integer ``(x, y)`` (bad = 0)."""
+    c = weights.shape[0] // 2
+    ny, nx = image.shape
+    out = np.zeros(len(x))
+    for k, (px, py) in enumerate(zip(x, y)):
+        y0, y1, x0, x1 = py - c, py + c + 1, px - c, px + c + 1
+        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, ny), min(x1, nx)
+        d = np.asarray(image[sy0:sy1, sx0:sx1], float)
+        d = np.where(bad[sy0:sy1, sx0:sx1] | ~np.isfinite(d), 0.0, d)
+        out[k] = float(np.sum(d * weights[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]))
+    return out
+
+
+def _measure_flux_factor(diff: Exposure, bad, scene, h, c_filter: float,
+                         sys: Systematics) -> float:
+    """:func:`diffim.residuals.flux_factor` on the static sources the terms were measured on.
+
+    Sources whose own flux change is significant (variable stars) are left
+    out; the filtered difference and its noise are read at each source's
+    peak, as detection filters them.
+    """
+    src = sys.sources[np.abs(sys.sources[:, 4]) < OUTLIER_FACTOR]
+    x, y = src[:, 0].astype(int), src[:, 1].astype(int)
+    var = np.where(np.isfinite(diff.variance) & (diff.variance >= 0), diff.variance, 0)
+    f = _filtered_at(diff.image, np.asarray(h, float), bad, x, y)
+    noise_var = c_filter * _filtered_at(var, np.asarray(h, float) ** 2, bad, x, y)
+    sys_var = systematic_variance_at(scene, h, sys, x, y)
+    s = flux_factor(f, noise_var, sys_var)
+    logger.info("flux factor of the systematic terms: %.3f (%d static sources)", s, len(src))
+    return s
 
 
 def _check_scene(diff: Exposure, scene) -> None:
@@ -1007,7 +1045,8 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     scene : ndarray, optional
         The static scene (template) on the same grid: with it, the systematic
         residual terms of ``noise`` (measured here when ``noise`` is not
-        given) enter the significance and the PSF-flux errors.  With
+        given) enter the significance, and the PSF-flux errors times their
+        :attr:`~diffim.residuals.Systematics.flux_factor`.  With
         ``significance`` given, its :attr:`Significance.systematic` is used
         instead (computed once).
     min_fit_fraction : float
@@ -1043,11 +1082,17 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     if significance.local_scale is not None:
         _scale_errors(rows, significance.local_scale)
     per_filtered = _flux_per_filtered(diff.psf, noise.filter)
-    if sys_var is not None:
+    for r in rows:  # the errors without systematic terms, for the reported ones below
+        r["_err"] = (r["psfFluxErr"], r["dipoleNegFluxErr"])
+    if sys_var is not None:  # the point-like test compares with the significance's terms
         _add_systematic_errors(rows, sys_var, per_filtered)
     n_found = len(rows)
     rows = [r for r in rows if _point_like(r, min_fit_fraction)]
     n_not_point = n_found - len(rows)
+    for r in rows:
+        r["psfFluxErr"], r["dipoleNegFluxErr"] = r.pop("_err")
+    if sys_var is not None:  # a PSF flux sees flux_factor of the map's term
+        _add_systematic_errors(rows, sys_var, per_filtered, noise.systematics.flux_factor)
     rows = _variable_star_rows(diff, significance, bad, noise.systematics, rows, threshold,
                                min_sep, radius, per_filtered)
     n_point = len(rows)
@@ -1128,10 +1173,11 @@ def _scale_errors(rows: list[dict], scale: LocalNoiseScale) -> None:
         r["psfSnr"] = r["psfFlux"] / r["psfFluxErr"] if r["psfFluxErr"] > 0 else np.nan
 
 
-def _add_systematic_errors(rows: list[dict], sys_var: np.ndarray, per_filtered: float) -> None:
-    """Add the systematic error in quadrature to each row's PSF-flux errors (in place)."""
+def _add_systematic_errors(rows: list[dict], sys_var: np.ndarray, per_filtered: float,
+                           factor: float = 1.0) -> None:
+    """Add ``factor`` times the systematic error to each row's PSF-flux errors (in place)."""
     for r in rows:
-        e = float(_systematic_flux_error(sys_var, r["x"], r["y"], per_filtered))
+        e = factor * float(_systematic_flux_error(sys_var, r["x"], r["y"], per_filtered))
         r["psfFluxErr"] = float(np.hypot(r["psfFluxErr"], e))
         if np.isfinite(r["dipoleNegFluxErr"]):
             r["dipoleNegFluxErr"] = float(np.hypot(r["dipoleNegFluxErr"], e))
@@ -1158,8 +1204,8 @@ def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = No
     -------
     flux, flux_err : ndarray
         Weighted least-squares PSF amplitudes and their errors from the
-        variance plane (plus the systematic term); NaN where no usable pixel
-        overlaps the PSF.
+        variance plane (plus the systematic term times its flux factor); NaN
+        where no usable pixel overlaps the PSF.
     """
     noise = noise_terms(diff, scene) if noise is None else noise
     diff = _scaled(diff, noise.c_psf)
@@ -1175,6 +1221,6 @@ def forced_psf_photometry(diff: Exposure, x, y, *, noise: NoiseTerms | None = No
         err = err * noise.local_scale.at(x.ravel(), y.ravel()).reshape(x.shape)
     sys_var = systematic_variance_map(noise, scene)
     if sys_var is not None:
-        err = np.hypot(err, _systematic_flux_error(sys_var, x, y,
-                                                   _flux_per_filtered(diff.psf, noise.filter)))
+        err = np.hypot(err, noise.systematics.flux_factor * _systematic_flux_error(
+            sys_var, x, y, _flux_per_filtered(diff.psf, noise.filter)))
     return flux, err

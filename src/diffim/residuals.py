@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import signal
+from scipy import optimize, signal
 
 from .kernel import FFT_WORKERS, fft_convolve
 
@@ -160,6 +160,11 @@ class Systematics:
         instead of 192 (twenty-seventh session, ``docs/quality.md``).
     local_radius : int
         That disc's radius (pixels).
+    flux_factor : float
+        The fraction of the map's systematic sigma (:func:`systematic_variance`)
+        that a PSF flux at a static source shows, measured on the image's own
+        bright sources (:func:`flux_factor`).  PSF-flux errors carry the map's
+        term times it; detection uses the whole map.  1 when not measured.
     """
 
     scale_error: float = 0.0
@@ -172,6 +177,7 @@ class Systematics:
     sources: np.ndarray | None = field(default=None, compare=False, repr=False)
     local: np.ndarray | None = field(default=None, compare=False, repr=False)
     local_radius: int = 0
+    flux_factor: float = 1.0
 
     @property
     def active(self) -> bool:
@@ -185,7 +191,7 @@ class Systematics:
         return {"SYSSCALE": self.scale_error, "SYSSHIFT": self.shift_error,
                 "SYSWING": self.wing_error, "SYSWSIG": self.wing_sigma,
                 "SYSWIDTH": self.width_error, "SYSSHEAR": self.shear_error,
-                "SYSNSRC": self.n_sources}
+                "SYSNSRC": self.n_sources, "SYSFLUXF": self.flux_factor}
 
     @classmethod
     def from_meta(cls, meta) -> "Systematics":
@@ -196,7 +202,8 @@ class Systematics:
                    wing_sigma=float(meta.get("SYSWSIG", 0.0)),
                    n_sources=int(meta.get("SYSNSRC", 0)),
                    width_error=float(meta.get("SYSWIDTH", 0.0)),
-                   shear_error=float(meta.get("SYSSHEAR", 0.0)))
+                   shear_error=float(meta.get("SYSSHEAR", 0.0)),
+                   flux_factor=float(meta.get("SYSFLUXF", 1.0)))
 
 
 def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> np.ndarray:
@@ -227,6 +234,126 @@ def systematic_variance(scene: np.ndarray, h: np.ndarray, sys: Systematics) -> n
     if sys.local is not None:
         _add_local_terms(out, sf, sys.local, sys.local_radius)
     return out
+
+
+def systematic_variance_at(scene: np.ndarray, h: np.ndarray, sys: Systematics,
+                           x, y) -> np.ndarray:
+    """:func:`systematic_variance` at the pixels nearest ``(x, y)``, without the map.
+
+    The same terms (not :attr:`Systematics.local`), from the filtered scene on
+    a patch around each point: for a few hundred points much cheaper than
+    the whole map.  Points within a filter's reach of the border give the
+    map's values only where its finite differences are the same (not on the
+    outermost pixel row or column).
+
+    Parameters
+    ----------
+    scene : ndarray (ny, nx)
+        The static scene (non-finite pixels count as 0, as does the outside).
+    h : ndarray (K, K)
+        Detection filter.
+    sys : Systematics
+        The measured terms.
+    x, y : array-like
+        0-based pixel positions.
+
+    Returns
+    -------
+    ndarray
+        ``Var[F]`` of the systematic terms at each point (shape of ``x``).
+    """
+    x = np.atleast_1d(np.asarray(x, float))
+    y = np.atleast_1d(np.asarray(y, float))
+    out = np.zeros(x.shape)
+    if x.size == 0:
+        return out
+    h = np.asarray(h, float)
+    c = h.shape[0] // 2
+    g = _wing_kernel(sys.wing_sigma).astype(float) if sys.wing_error > 0 else np.ones((1, 1))
+    r = g.shape[0] // 2 + 1            # the filtered scene is needed this far from the point
+    ny, nx = scene.shape
+    ix = np.clip(np.round(x).astype(int), 0, nx - 1).ravel()
+    iy = np.clip(np.round(y).astype(int), 0, ny - 1).ravel()
+    flat = out.ravel()
+    half = c + r
+    for k, (px, py) in enumerate(zip(ix, iy)):
+        stamp = np.zeros((2 * half + 1, 2 * half + 1))
+        y0, x0 = py - half, px - half
+        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(py + half + 1, ny), min(px + half + 1, nx)
+        part = np.asarray(scene[sy0:sy1, sx0:sx1], float)
+        stamp[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = np.where(np.isfinite(part), part, 0)
+        sf = signal.correlate(stamp, h, mode="valid")      # (2 r + 1)^2, point at [r, r]
+        ctr = sf[r - 1:r + 2, r - 1:r + 2]
+        gx, gy = (ctr[1, 2] - ctr[1, 0]) / 2, (ctr[2, 1] - ctr[0, 1]) / 2
+        lap = ctr[0, 1] + ctr[2, 1] + ctr[1, 0] + ctr[1, 2] - 4 * ctr[1, 1]
+        q1 = 0.5 * (ctr[1, 0] + ctr[1, 2] - ctr[0, 1] - ctr[2, 1])
+        q2 = 0.25 * (ctr[2, 2] + ctr[0, 0] - ctr[2, 0] - ctr[0, 2])
+        v = (sys.scale_error * ctr[1, 1]) ** 2 + sys.shift_error**2 * (gx * gx + gy * gy)
+        v += (sys.width_error * lap) ** 2 + sys.shear_error**2 * (q1 * q1 + q2 * q2)
+        if sys.wing_error > 0:
+            m = g.shape[0] // 2
+            wf = float(np.sum(sf[r - m:r + m + 1, r - m:r + m + 1] * g))
+            v += (sys.wing_error * wf) ** 2
+        flat[k] = v
+    return out
+
+
+#: A source counts in :func:`flux_factor` where the map's systematic variance
+#: at its centre is at least this multiple of the filtered noise variance
+#: there: fainter sources hardly constrain the factor.
+FLUX_FACTOR_MIN_RATIO = 1.0
+#: Fewer such sources than this: the factor is not measured (1).
+FLUX_FACTOR_MIN_SOURCES = 5
+#: The factor is at most this.
+FLUX_FACTOR_MAX = 3.0
+#: Median of a chi-square variable with one degree of freedom.
+_CHI2_1_MEDIAN = 0.45493642311957283
+
+
+def flux_factor(f, noise_var, sys_var) -> float:
+    """How much of the map's systematic variance a PSF flux at a static source shows.
+
+    The filtered difference ``F`` at the centre of each static source is the
+    (scaled) PSF flux of its residual.  The factor ``s`` makes ``F / sqrt(
+    noise_var + s^2 sys_var)`` unit-normal in the median of its square (so a
+    few variable sources do not move it), over the sources where ``sys_var >=``
+    :data:`FLUX_FACTOR_MIN_RATIO` ``noise_var``.
+
+    The map bounds the residual over the whole disc around a source, where
+    detection looks (rings, lobes); a PSF fit at the centre sees one
+    projection of it.  The shape terms are measured as independent per-source
+    amplitudes, and where they are not (a width error that is partly a scale
+    error, the same at every source) the centre sees less: at static sources
+    of peak S/N 300-1000 of the independent simulator, the PSF fluxes of the
+    difference scattered by 1.5-1.7 times their noise, while the map predicted
+    4.6-8.4 times (twenty-eighth session, ``docs/quality.md``).
+
+    Parameters
+    ----------
+    f, noise_var, sys_var : array-like
+        ``F``, its noise variance and the map's systematic variance at each
+        source's centre (same units).
+
+    Returns
+    -------
+    float
+        ``s`` in ``[0, FLUX_FACTOR_MAX]``; 1 with fewer than
+        :data:`FLUX_FACTOR_MIN_SOURCES` usable sources.
+    """
+    f, nv, sv = (np.asarray(a, float).ravel() for a in (f, noise_var, sys_var))
+    use = np.isfinite(f) & (nv > 0) & (sv >= FLUX_FACTOR_MIN_RATIO * nv)
+    if use.sum() < FLUX_FACTOR_MIN_SOURCES:
+        return 1.0
+    z2, ratio = f[use] ** 2 / nv[use], sv[use] / nv[use]
+
+    def excess(s):  # decreasing in s
+        return float(np.median(z2 / (1.0 + s * s * ratio))) - _CHI2_1_MEDIAN
+
+    if excess(0.0) <= 0:
+        return 0.0
+    if excess(FLUX_FACTOR_MAX) >= 0:
+        return FLUX_FACTOR_MAX
+    return float(optimize.brentq(excess, 0.0, FLUX_FACTOR_MAX, xtol=1e-4))
 
 
 def _add_local_terms(out: np.ndarray, sf: np.ndarray, local: np.ndarray, radius: int) -> None:
