@@ -144,6 +144,7 @@ def main(inp, out, params, wildcards, log=None):
                             "wing_error": noise.systematics.wing_error,
                             "width_error": noise.systematics.width_error,
                             "shear_error": noise.systematics.shear_error,
+                            "flux_factor": noise.systematics.flux_factor,
                             "registration_applied": registered,
                             "registration_pairs": reg_cards["REGNPAIR"],
                             "registration_rms_px": reg_cards["REGRMS"],
