@@ -506,7 +506,9 @@ def _measure_flux_factor(diff: Exposure, bad, scene, h, c_filter: float,
     """
     src = sys.sources[np.abs(sys.sources[:, 4]) < OUTLIER_FACTOR]
     x, y = src[:, 0].astype(int), src[:, 1].astype(int)
-    var = np.where(np.isfinite(diff.variance) & (diff.variance >= 0), diff.variance, 0)
+    with np.errstate(invalid="ignore"):  # the pixels _filtered leaves out
+        bad = bad | ~(diff.variance >= 0)
+    var = np.where(bad, 0, diff.variance)
     f = _filtered_at(diff.image, np.asarray(h, float), bad, x, y)
     noise_var = c_filter * _filtered_at(var, np.asarray(h, float) ** 2, bad, x, y)
     sys_var = systematic_variance_at(scene, h, sys, x, y)

@@ -282,14 +282,14 @@ def systematic_variance_at(scene: np.ndarray, h: np.ndarray, sys: Systematics,
         sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(py + half + 1, ny), min(px + half + 1, nx)
         part = np.asarray(scene[sy0:sy1, sx0:sx1], float)
         stamp[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = np.where(np.isfinite(part), part, 0)
-        sf = signal.correlate(stamp, h, mode="valid")      # (2 r + 1)^2, point at [r, r]
+        # the filtered scene on (2 r + 1)^2 pixels, the point at [r, r]; the map's own
+        # finite differences on its central 3 x 3
+        sf = signal.correlate(stamp, h, mode="valid")
         ctr = sf[r - 1:r + 2, r - 1:r + 2]
-        gx, gy = (ctr[1, 2] - ctr[1, 0]) / 2, (ctr[2, 1] - ctr[0, 1]) / 2
-        lap = ctr[0, 1] + ctr[2, 1] + ctr[1, 0] + ctr[1, 2] - 4 * ctr[1, 1]
-        q1 = 0.5 * (ctr[1, 0] + ctr[1, 2] - ctr[0, 1] - ctr[2, 1])
-        q2 = 0.25 * (ctr[2, 2] + ctr[0, 0] - ctr[2, 0] - ctr[0, 2])
+        gy, gx = (g_[1, 1] for g_ in np.gradient(ctr))
         v = (sys.scale_error * ctr[1, 1]) ** 2 + sys.shift_error**2 * (gx * gx + gy * gy)
-        v += (sys.width_error * lap) ** 2 + sys.shear_error**2 * (q1 * q1 + q2 * q2)
+        v += (sys.width_error * laplacian(ctr)[1, 1]) ** 2
+        v += sys.shear_error**2 * shear_power(ctr)[1, 1]
         if sys.wing_error > 0:
             m = g.shape[0] // 2
             wf = float(np.sum(sf[r - m:r + m + 1, r - m:r + m + 1] * g))
@@ -322,8 +322,9 @@ def flux_factor(f, noise_var, sys_var) -> float:
     The map bounds the residual over the whole disc around a source, where
     detection looks (rings, lobes); a PSF fit at the centre sees one
     projection of it.  The shape terms are measured as independent per-source
-    amplitudes, and where they are not (a width error that is partly a scale
-    error, the same at every source) the centre sees less: at static sources
+    amplitudes, and where they are not (each source's width error coming
+    with a flux error that cancels part of it at the centre) the centre sees
+    less: at static sources
     of peak S/N 300-1000 of the independent simulator, the PSF fluxes of the
     difference scattered by 1.5-1.7 times their noise, while the map predicted
     4.6-8.4 times (twenty-eighth session, ``docs/quality.md``).
