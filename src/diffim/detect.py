@@ -79,9 +79,8 @@ from .exposure import Exposure
 from .noisescale import BlockMap, LocalNoiseScale
 from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
-from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, OUTLIER_FACTOR, SPARSE_SOURCE_SNR,
-                        SPARSE_SOURCES, Systematics, flux_factor, measure_systematics,
-                        systematic_variance, systematic_variance_at)
+from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
+                        Systematics, measure_systematics, systematic_variance)
 
 logger = logging.getLogger(__name__)
 
@@ -448,8 +447,8 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     peaks above S/N :data:`~diffim.residuals.MIN_SOURCE_SNR`, or in a sparse
     image with fewer than :data:`~diffim.residuals.SPARSE_SOURCES` of them on
     its brightest ``SPARSE_SOURCES`` above
-    :data:`~diffim.residuals.SPARSE_SOURCE_SNR`, and their flux factor on the
-    same sources (:func:`diffim.residuals.flux_factor`).  ``local_scale``
+    :data:`~diffim.residuals.SPARSE_SOURCE_SNR` (with their flux factor,
+    :func:`diffim.residuals.flux_factor`).  ``local_scale``
     (read back from such a header) is kept as given; without it
     :func:`significance_maps` measures one, following ``template_share``
     (:attr:`diffim.subtract.SubtractionResult.template_share`) when given.
@@ -476,45 +475,7 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
                               xy, radius=radius,
                               wing_sigma=diff.psf.fwhm())
-    if sys.active and sys.sources is not None and len(sys.sources):
-        sys = replace(sys, flux_factor=_measure_flux_factor(diff, bad, scene, h, terms.c_filter,
-                                                            sys))
     return replace(terms, systematics=sys)
-
-
-def _filtered_at(image, weights, bad, x, y) -> np.ndarray:
-    """``sum(image * weights)`` over the stamp centred on each integer ``(x, y)`` (bad = 0)."""
-    c = weights.shape[0] // 2
-    ny, nx = image.shape
-    out = np.zeros(len(x))
-    for k, (px, py) in enumerate(zip(x, y)):
-        y0, y1, x0, x1 = py - c, py + c + 1, px - c, px + c + 1
-        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y1, ny), min(x1, nx)
-        d = np.asarray(image[sy0:sy1, sx0:sx1], float)
-        d = np.where(bad[sy0:sy1, sx0:sx1] | ~np.isfinite(d), 0.0, d)
-        out[k] = float(np.sum(d * weights[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]))
-    return out
-
-
-def _measure_flux_factor(diff: Exposure, bad, scene, h, c_filter: float,
-                         sys: Systematics) -> float:
-    """:func:`diffim.residuals.flux_factor` on the static sources the terms were measured on.
-
-    Sources whose own flux change is significant (variable stars) are left
-    out; the filtered difference and its noise are read at each source's
-    peak, as detection filters them.
-    """
-    src = sys.sources[np.abs(sys.sources[:, 4]) < OUTLIER_FACTOR]
-    x, y = src[:, 0].astype(int), src[:, 1].astype(int)
-    with np.errstate(invalid="ignore"):  # the pixels _filtered leaves out
-        bad = bad | ~(diff.variance >= 0)
-    var = np.where(bad, 0, diff.variance)
-    f = _filtered_at(diff.image, np.asarray(h, float), bad, x, y)
-    noise_var = c_filter * _filtered_at(var, np.asarray(h, float) ** 2, bad, x, y)
-    sys_var = systematic_variance_at(scene, h, sys, x, y)
-    s = flux_factor(f, noise_var, sys_var)
-    logger.info("flux factor of the systematic terms: %.3f (%d static sources)", s, len(src))
-    return s
 
 
 def _check_scene(diff: Exposure, scene) -> None:
@@ -1084,17 +1045,16 @@ def detect_dia_sources(diff: Exposure, *, threshold: float = 5.0,
     if significance.local_scale is not None:
         _scale_errors(rows, significance.local_scale)
     per_filtered = _flux_per_filtered(diff.psf, noise.filter)
-    for r in rows:  # the errors without systematic terms, for the reported ones below
-        r["_err"] = (r["psfFluxErr"], r["dipoleNegFluxErr"])
-    if sys_var is not None:  # the point-like test compares with the significance's terms
-        _add_systematic_errors(rows, sys_var, per_filtered)
+    sys_err = (_systematic_flux_error(sys_var, [r["x"] for r in rows], [r["y"] for r in rows],
+                                      per_filtered)
+               if sys_var is not None and rows else np.zeros(len(rows)))
+    # the point-like test compares with the significance, which holds the map's whole term
+    keep = [_point_like(r, min_fit_fraction, e) for r, e in zip(rows, sys_err)]
     n_found = len(rows)
-    rows = [r for r in rows if _point_like(r, min_fit_fraction)]
+    rows, sys_err = [r for r, k in zip(rows, keep) if k], sys_err[np.asarray(keep, bool)]
     n_not_point = n_found - len(rows)
-    for r in rows:
-        r["psfFluxErr"], r["dipoleNegFluxErr"] = r.pop("_err")
-    if sys_var is not None:  # a PSF flux sees flux_factor of the map's term
-        _add_systematic_errors(rows, sys_var, per_filtered, noise.systematics.flux_factor)
+    # a PSF flux sees flux_factor of it
+    _add_systematic_errors(rows, noise.systematics.flux_factor * sys_err)
     rows = _variable_star_rows(diff, significance, bad, noise.systematics, rows, threshold,
                                min_sep, radius, per_filtered)
     n_point = len(rows)
@@ -1134,7 +1094,7 @@ def _saturation_halo(mask: np.ndarray, radius: int) -> np.ndarray | None:
     return dilate(np.isin(labels, big), radius)
 
 
-def _point_like(row: dict, fraction: float) -> bool:
+def _point_like(row: dict, fraction: float, sys_err: float = 0.0) -> bool:
     """True when the PSF fit recovers at least ``fraction`` of the peak's significance.
 
     The matched filter and the PSF fit measure the same thing for a point
@@ -1144,11 +1104,15 @@ def _point_like(row: dict, fraction: float) -> bool:
     the correlated-noise detection filter leaves around a bright transient
     (0.02-0.36 on an independent simulator's data), or part of a ring
     residual at a bright star.  Dipoles are judged by their lobes' fit, not
-    here.
+    here.  ``sys_err`` (nJy) is added to the PSF-flux error in quadrature, as
+    the significance holds the systematic variance.
     """
     if row["isDipole"] or fraction <= 0:
         return True
-    ratio = row["psfSnr"] * (-1.0 if row["isNegative"] else 1.0) / row["snr"]
+    err = float(np.hypot(row["psfFluxErr"], sys_err))
+    if not err > 0:
+        return False
+    ratio = row["psfFlux"] / err * (-1.0 if row["isNegative"] else 1.0) / row["snr"]
     return bool(np.isfinite(ratio) and ratio >= fraction)
 
 
@@ -1175,11 +1139,10 @@ def _scale_errors(rows: list[dict], scale: LocalNoiseScale) -> None:
         r["psfSnr"] = r["psfFlux"] / r["psfFluxErr"] if r["psfFluxErr"] > 0 else np.nan
 
 
-def _add_systematic_errors(rows: list[dict], sys_var: np.ndarray, per_filtered: float,
-                           factor: float = 1.0) -> None:
-    """Add ``factor`` times the systematic error to each row's PSF-flux errors (in place)."""
-    for r in rows:
-        e = factor * float(_systematic_flux_error(sys_var, r["x"], r["y"], per_filtered))
+def _add_systematic_errors(rows: list[dict], errors) -> None:
+    """Add each row's systematic error (nJy) to its PSF-flux errors in quadrature (in place)."""
+    for r, e in zip(rows, errors):
+        e = float(e)
         r["psfFluxErr"] = float(np.hypot(r["psfFluxErr"], e))
         if np.isfinite(r["dipoleNegFluxErr"]):
             r["dipoleNegFluxErr"] = float(np.hypot(r["dipoleNegFluxErr"], e))

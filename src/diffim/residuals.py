@@ -84,7 +84,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -241,10 +241,9 @@ def systematic_variance_at(scene: np.ndarray, h: np.ndarray, sys: Systematics,
     """:func:`systematic_variance` at the pixels nearest ``(x, y)``, without the map.
 
     The same terms (not :attr:`Systematics.local`), from the filtered scene on
-    a patch around each point: for a few hundred points much cheaper than
-    the whole map.  Points within a filter's reach of the border give the
-    map's values only where its finite differences are the same (not on the
-    outermost pixel row or column).
+    a cut-out around each point (:func:`_cutouts`, :func:`_filter_stacks`):
+    for a few hundred points much cheaper than the whole map.  On the
+    outermost pixel row or column the map's one-sided differences differ.
 
     Parameters
     ----------
@@ -263,39 +262,54 @@ def systematic_variance_at(scene: np.ndarray, h: np.ndarray, sys: Systematics,
         ``Var[F]`` of the systematic terms at each point (shape of ``x``).
     """
     x = np.atleast_1d(np.asarray(x, float))
-    y = np.atleast_1d(np.asarray(y, float))
-    out = np.zeros(x.shape)
-    if x.size == 0:
-        return out
-    h = np.asarray(h, float)
-    c = h.shape[0] // 2
-    g = _wing_kernel(sys.wing_sigma).astype(float) if sys.wing_error > 0 else np.ones((1, 1))
-    r = g.shape[0] // 2 + 1            # the filtered scene is needed this far from the point
     ny, nx = scene.shape
-    ix = np.clip(np.round(x).astype(int), 0, nx - 1).ravel()
-    iy = np.clip(np.round(y).astype(int), 0, ny - 1).ravel()
-    flat = out.ravel()
-    half = c + r
-    for k, (px, py) in enumerate(zip(ix, iy)):
-        stamp = np.zeros((2 * half + 1, 2 * half + 1))
-        y0, x0 = py - half, px - half
-        sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(py + half + 1, ny), min(px + half + 1, nx)
-        part = np.asarray(scene[sy0:sy1, sx0:sx1], float)
-        stamp[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = np.where(np.isfinite(part), part, 0)
-        # the filtered scene on (2 r + 1)^2 pixels, the point at [r, r]; the map's own
-        # finite differences on its central 3 x 3
-        sf = signal.correlate(stamp, h, mode="valid")
-        ctr = sf[r - 1:r + 2, r - 1:r + 2]
-        gy, gx = (g_[1, 1] for g_ in np.gradient(ctr))
-        v = (sys.scale_error * ctr[1, 1]) ** 2 + sys.shift_error**2 * (gx * gx + gy * gy)
-        v += (sys.width_error * laplacian(ctr)[1, 1]) ** 2
-        v += sys.shear_error**2 * shear_power(ctr)[1, 1]
-        if sys.wing_error > 0:
-            m = g.shape[0] // 2
-            wf = float(np.sum(sf[r - m:r + m + 1, r - m:r + m + 1] * g))
-            v += (sys.wing_error * wf) ** 2
-        flat[k] = v
-    return out
+    xy = np.column_stack([np.clip(np.round(x.ravel()), 0, nx - 1),
+                          np.clip(np.round(np.asarray(y, float).ravel()), 0, ny - 1)]).astype(int)
+    g = _centre_wing_kernel(sys)
+    _, (sc,) = _cutouts((scene,), xy, h.shape[0] // 2 + g.shape[0] // 2 + 1, (0.0,))
+    sf = _filter_scene(sc, np.asarray(h, float)[::-1, ::-1])
+    return _centre_variance(sf, g, sys).reshape(x.shape)
+
+
+def _centre_wing_kernel(sys: Systematics) -> np.ndarray:
+    """The wing term's Gaussian (:func:`_wing_kernel`), or a single pixel without a wing term."""
+    return _wing_kernel(sys.wing_sigma).astype(float) if sys.wing_error > 0 else np.ones((1, 1))
+
+
+def _centre_variance(sf: np.ndarray, g: np.ndarray, sys: Systematics) -> np.ndarray:
+    """:func:`systematic_variance` at the centre of each ``S_f`` stamp of a stack.
+
+    The stamps reach the wing kernel ``g``'s half-width plus one pixel beyond
+    the centre; the map's own finite differences are taken on the central 3 x 3.
+    """
+    c = sf.shape[1] // 2
+    ctr = sf[:, c - 1:c + 2, c - 1:c + 2]
+    gy, gx = (d[:, 1, 1] for d in np.gradient(ctr, axis=(1, 2)))
+    v = (sys.scale_error * ctr[:, 1, 1]) ** 2 + sys.shift_error**2 * (gx * gx + gy * gy)
+    v += (sys.width_error * laplacian(ctr)[:, 1, 1]) ** 2
+    v += sys.shear_error**2 * shear_power(ctr)[:, 1, 1]
+    if sys.wing_error > 0:
+        m = g.shape[0] // 2
+        wf = np.sum(sf[:, c - m:c + m + 1, c - m:c + m + 1] * g[None], axis=(1, 2))
+        v += (sys.wing_error * wf) ** 2
+    return v
+
+
+def _centre_flux_terms(diff_img, diff_var, bad, scene, h, c_filter, xy, sys: Systematics):
+    """``F``, ``Var_stat F`` and the map's systematic variance at the sources of ``xy``.
+
+    One batched filtering of cut-outs (:func:`_cutouts`, :func:`_filter_stacks`),
+    as the disc terms are measured; for :func:`flux_factor`.
+    """
+    g = _centre_wing_kernel(sys)
+    hk = h.shape[0] // 2
+    kept, (img, var, sc, b) = _cutouts((diff_img, diff_var, scene, bad), xy,
+                                       hk + g.shape[0] // 2 + 1, _CUTOUT_FILLS)
+    if len(kept) == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    f, vf, sf = _filter_stacks(img, var, sc, b, h[::-1, ::-1], c_filter)
+    c = f.shape[1] // 2
+    return f[:, c, c], vf[:, c, c], _centre_variance(sf, g, sys)
 
 
 #: A source counts in :func:`flux_factor` where the map's systematic variance
@@ -476,8 +490,14 @@ def _filter_stacks(img, var, scene, b, hr, c_filter):
     with sp_fft.set_workers(FFT_WORKERS):
         f = conv(np.where(b, 0.0, img), hr[None])
         vf = c_filter * conv(np.where(b, 0.0, var), (hr * hr)[None])
-        sf = conv(np.where(np.isfinite(scene), scene, 0.0), hr[None])
-    return f, vf, sf
+    return f, vf, _filter_scene(scene, hr)
+
+
+def _filter_scene(scene, hr):
+    """``S_f`` of stacked scene cut-outs (non-finite pixels 0; as :func:`_filter_stacks`)."""
+    with sp_fft.set_workers(FFT_WORKERS):
+        return signal.fftconvolve(np.where(np.isfinite(scene), scene, 0.0), hr[None],
+                                  mode="valid", axes=(1, 2))
 
 
 def _stamp_terms(f, vf, s, b, hk, radius):
@@ -798,6 +818,9 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
                         wing_sigma: float) -> Systematics:
     """Measure ``eps``, ``delta``, ``zeta``, ``xi`` and ``omega`` around bright scene sources.
 
+    And the flux factor (:func:`flux_factor`) on those whose own flux change
+    is not significant.
+
     Parameters
     ----------
     diff_img, diff_var : ndarray (ny, nx)
@@ -872,9 +895,14 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
                       n_sources=int(keep.sum()), width_error=float(np.sqrt(zeta2)),
                       shear_error=float(np.sqrt(xi2)), sources=changes, local=local,
                       local_radius=LOCAL_RADII * radius)
+    # the flux factor on the static ones (a variable star's change is not a residual)
+    static_xy = np.asarray(xy_used)[np.abs(changes[:, 4]) < OUTLIER_FACTOR]
+    out = replace(out, flux_factor=flux_factor(*_centre_flux_terms(
+        diff_img, diff_var, bad, scene, h, c_filter, static_xy, out)))
     logger.info("systematic residuals at %d scene sources (%d outliers left out): "
                 "scale %.4f, shift %.4f px, width %.4f px^2, shear %.4f px^2, wings %.4f; "
-                "%d sources with their own shape terms", out.n_sources, int((~keep).sum()),
-                out.scale_error, out.shift_error, out.width_error, out.shear_error,
-                out.wing_error, len(local))
+                "%d sources with their own shape terms; flux factor %.3f on %d static sources",
+                out.n_sources, int((~keep).sum()), out.scale_error, out.shift_error,
+                out.width_error, out.shear_error, out.wing_error, len(local), out.flux_factor,
+                len(static_xy))
     return out
