@@ -1,7 +1,9 @@
 """Rule `diff`: subtract the template from one (visit, detector) and find DIASources.
 
-The template is the band's coadd patches (without this visit's own
-contribution when ``diff.leave_one_out``) resampled into the visit's frame.
+The template is the band's coadd patches without this visit's own
+contribution, resampled into the visit's frame.  With ``diff.leave_one_out:
+false`` the difference is then scaled to the full coadd's
+(:func:`diffim.subtract.with_own_share`).
 Always writes its three outputs; a visit without template coverage gets a
 failed status with the reason and an empty DIASource table.
 """
@@ -24,20 +26,25 @@ from diffim.register import header_cards as registration_cards
 from diffim.register import registered_wcs
 from diffim.runlog import setup_logging
 from diffim.skymap import SkyMap
-from diffim.subtract import SHARE_BIN, subtract_images
+from diffim.subtract import SHARE_BIN, subtract_images, with_own_share
 from diffim.tables import DIA_SOURCE_SCHEMA, dia_source_ids
-from diffim.template import remove_own_contribution, stitch_template, template_psf
+from diffim.template import (own_weight_share, remove_own_contribution, stitch_template,
+                             template_psf)
 
 
-def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, leave_one_out):
-    """One coadd patch, with the visit's own contribution removed if asked."""
+def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape):
+    """One coadd patch without the visit's own contribution, and that contribution's share.
+
+    Returns ``(patch, removed, share)``: ``share`` is the visit's share of the
+    coadd's weight per patch pixel (None where the visit is not in the coadd).
+    """
     coadd = read_exposure(coadd_path)
-    if not leave_one_out or own_warp is None:
-        return coadd, False
+    if own_warp is None:
+        return coadd, False, None
     inputs = read_table(inputs_path)
     row = inputs[(inputs["visit"] == visit) & (inputs["detector"] == detector) & inputs["included"]]
     if row.empty:
-        return coadd, False
+        return coadd, False, None
     clip = {}
     with fits.open(coadd_path) as hdul:
         weight_sum = np.array(hdul["WEIGHTSUM"].data, dtype=np.float64)
@@ -47,8 +54,18 @@ def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, 
                         clip_sigma=float(hdul[0].header["CLIPSIG"]),
                         clip_rel=float(hdul[0].header.get("CLIPREL", 0.0)))
     warp = read_warp(own_warp, patch_shape)
-    return remove_own_contribution(coadd, weight_sum, warp, float(row["weight"].iloc[0]),
-                                   **clip), True
+    weight = float(row["weight"].iloc[0])
+    share = own_weight_share(coadd, weight_sum, warp, weight, **clip)
+    return remove_own_contribution(coadd, weight_sum, warp, weight, **clip), True, share
+
+
+def own_share_in_frame(patches, shares, wcs, shape, psf):
+    """The visit's share of the template's weight, resampled into its frame (0 where none)."""
+    planes = [replace(p, image=s if s is not None else np.zeros(p.shape, np.float32),
+                      variance=np.ones(p.shape, np.float32))
+              for p, s in zip(patches, shares)]
+    share = stitch_template(planes, wcs, shape, psf).image
+    return np.clip(np.nan_to_num(share, nan=0.0), 0.0, 1.0)
 
 
 def dia_table(sources, calexp, visit, detector):
@@ -70,12 +87,13 @@ def main(inp, out, params, wildcards, log=None):
     try:
         skymap = SkyMap.from_json(params.skymap)
         own = {w.split("/")[-2]: w for w in inp.own_warps}
-        patches, n_loo = [], 0
+        patches, shares, n_loo = [], [], 0
         for coadd_path, inputs_path, patch in zip(inp.coadds, inp.coadd_inputs, params.patches):
-            exp, loo = load_patch(coadd_path, inputs_path, own.get(patch), visit, detector,
-                                  skymap.patch_shape(patch), cfg["leave_one_out"])
+            exp, loo, share = load_patch(coadd_path, inputs_path, own.get(patch), visit,
+                                         detector, skymap.patch_shape(patch))
             if exp.meta.get("NINPUTS", 0) > 0:
                 patches.append(exp)
+                shares.append(share)
                 n_loo += loo
         if not patches:
             raise NoOverlapError(f"visit {visit} detector {detector}: no coadd of band "
@@ -99,8 +117,16 @@ def main(inp, out, params, wildcards, log=None):
                                  kernel_spatial_order=cfg["kernel_spatial_order"],
                                  background_order=cfg["background_order"],
                                  decorrelate=cfg["decorrelate"])
-        noise = noise_terms(result.difference, template.image, template_share=result.share_map)
-        significance = significance_maps(result.difference, noise, template.image)
+        own_share, scene = None, template.image
+        if not cfg["leave_one_out"] and n_loo:
+            # the full coadd as template: (1 - a) x the leave-one-out difference, and so
+            # the static light that residuals scale with
+            own_share = own_share_in_frame(patches, shares, calexp.wcs, calexp.shape, psf)
+            result = replace(result, difference=with_own_share(result.difference, own_share))
+            scene = (1.0 - own_share) * template.image
+            n_loo = 0
+        noise = noise_terms(result.difference, scene, template_share=result.share_map)
+        significance = significance_maps(result.difference, noise, scene)
         sources = detect_dia_sources(result.difference, threshold=cfg["detect_threshold"],
                                      noise=noise, significance=significance)
         n_unresolved = 0
@@ -132,6 +158,11 @@ def main(inp, out, params, wildcards, log=None):
         share_hdu.header["SHAREBIN"] = (SHARE_BIN, "pixels per block side")
         share_hdu.header["COMMENT"] = "template share of the per-pixel variance, 0-1"
         extra.append(share_hdu)
+    if own_share is not None:  # diff.leave_one_out: false
+        own_hdu = fits.ImageHDU(own_share.astype(np.float32), name="OWNSHARE")
+        own_hdu.header["COMMENT"] = ("the visit's share a of the coadd's weight; IMAGE is (1 - a) x "
+                                     "(science - matched TEMPLATE), TEMPLATE without the visit")
+        extra.append(own_hdu)
     write_exposure(out.diff, diff, extra_hdus=extra)
     write_table(out.sources, table, schema=DIA_SOURCE_SCHEMA)
     write_ds9_regions(out.regions, table)
@@ -150,6 +181,8 @@ def main(inp, out, params, wildcards, log=None):
                             "registration_rms_px": reg_cards["REGRMS"],
                             "registration_max_px": reg_cards["REGMAX"],
                             "leave_one_out_patches": n_loo,
+                            "own_share_max": (0.0 if own_share is None
+                                              else float(np.max(own_share))),
                             "n_unresolved_rejected": n_unresolved})
     logger.info("diff v%d d%d: mode %s, %d DIASources", visit, detector, result.mode, len(table))
 

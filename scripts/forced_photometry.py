@@ -18,9 +18,13 @@ def main(diff_path, status_path, objects_path, output, log=None):
     m = diff.meta
     stored = read_optional_extension(diff_path, "TSHARE")  # the template's variance share
     share = None if stored is None else BlockMap(stored[0], int(stored[1]["SHAREBIN"]))
+    scene = read_extension(diff_path, "TEMPLATE")
+    own = read_optional_extension(diff_path, "OWNSHARE")  # the full coadd as template
+    if own is not None:
+        scene = (1.0 - own[0]) * scene
     table = forced_photometry(diff, read_table(objects_path), int(m["VISIT"]), int(m["DETECTOR"]),
-                              str(m["BAND"]), float(m["MIDMJD"]),
-                              scene=read_extension(diff_path, "TEMPLATE"), template_share=share)
+                              str(m["BAND"]), float(m["MIDMJD"]), scene=scene,
+                              template_share=share)
     write_table(output, table)
     logger.info("forced photometry of %d DIAObjects on visit %s", len(table), m["VISIT"])
 

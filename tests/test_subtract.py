@@ -923,3 +923,40 @@ def test_a_small_residual_of_a_bright_stamp_is_not_an_outlier(monkeypatch, floor
     bad = rejected(np.r_[snr, 3000], np.r_[chi2, 1.1 + 0.05 * 3000**2 / 1849], np.r_[a, 0.0],
                    np.r_[noise_power, 1.0])
     assert bad[-1] and not bad[0]
+
+
+def test_with_own_share_is_the_difference_against_the_full_coadd():
+    """Against ``T = a S + (1 - a) T'`` (same PSF) the difference is ``(1 - a)(S - T')``.
+
+    The direct subtraction's variance plane (``V_S + V_T``) is too large by up
+    to ``(1 + a^2) / (1 - a)^2``; ``with_own_share``'s is right: the
+    normalised residual has unit std within 3 % (40k pixels per region,
+    standard error 0.4 %) where ``a`` is 0, 0.3 and 0.6, a transient keeps
+    ``1 - a`` of its flux, and a pixel only the visit covered (a = 1) is NaN
+    with ``NO_DATA``.
+    """
+    rng = np.random.default_rng(3)
+    n = 600
+    var_s, var_t = 4.0, 1.0
+    share = np.zeros((n, n))
+    share[:, 200:400], share[:, 400:] = 0.3, 0.6
+    share[0, 0] = 1.0
+    sci_signal = np.zeros((n, n))
+    sci_signal[300, 100], sci_signal[300, 300], sci_signal[300, 500] = 50.0, 50.0, 50.0
+    sci = sci_signal + rng.normal(scale=np.sqrt(var_s), size=(n, n))
+    loo = rng.normal(scale=np.sqrt(var_t), size=(n, n))
+    full = share * sci + (1 - share) * loo
+    diff_loo = Exposure(sci - loo, np.full((n, n), var_s + var_t), np.zeros((n, n), np.int32))
+    out = sub.with_own_share(diff_loo, share)
+    ok = share < 1
+    np.testing.assert_allclose(out.image[ok], (sci - full)[ok], atol=1e-4)  # float32 planes
+    for lo, hi, a in [(0, 200, 0.0), (200, 400, 0.3), (400, n, 0.6)]:
+        z = out.image[1:, lo:hi] / np.sqrt(out.variance[1:, lo:hi])
+        assert abs(np.std(z) - 1) < 0.03, (a, np.std(z))
+        assert out.image[300, (lo + hi) // 2] == pytest.approx((1 - a) * 50.0, abs=4 * (1 - a)
+                                                                * np.sqrt(var_s + var_t))
+    naive = (sci - full)[1:, 400:] / np.sqrt(var_s + var_t)   # the direct subtraction's plane
+    assert np.std(naive) < 0.5
+    assert np.isnan(out.image[0, 0]) and out.mask[0, 0] & masks.bit("NO_DATA")
+    with pytest.raises(ValueError, match="shape"):
+        sub.with_own_share(diff_loo, share[:10])

@@ -88,3 +88,20 @@ def test_leave_one_out_of_a_clipped_coadd_equals_coadding_the_rest():
     assert rest.n_clipped.max() == 0
     # float32 sums of values ~10-40: 1e-5 relative
     np.testing.assert_allclose(loo.image, rest.image, rtol=1e-5)
+
+
+def test_own_weight_share_rebuilds_the_coadd_from_the_rest():
+    """``a T_v + (1 - a) T'`` is the coadd wherever the visit entered it (``a`` its
+    weight share there); where it did not (masked rows), ``a = 0`` and ``T' = T``."""
+    from diffim.template import own_weight_share, remove_own_contribution
+
+    images, variances, mask, w = _inputs(n=3)
+    mask[0][:8] = masks.bit("CR")   # the visit is kept out of the first rows
+    full = _coadd(images, variances, mask, w)
+    coadd = Exposure(image=full.image, variance=full.variance, mask=full.mask)
+    own = Exposure(image=images[0], variance=variances[0], mask=mask[0])
+    a = own_weight_share(coadd, full.weight_sum, own, w[0])
+    loo = remove_own_contribution(coadd, full.weight_sum, own, w[0])
+    assert np.all(a[:8] == 0)
+    np.testing.assert_allclose(a[8:], w[0] / w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(a * images[0] + (1 - a) * loo.image, full.image, rtol=1e-5)

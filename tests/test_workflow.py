@@ -1,6 +1,7 @@
 """End to end: the real Snakefile on a tiny simulated dataset, and its contract."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,36 @@ def test_declared_memory_exceeds_measured_peak(tiny_run):
         rule = f.relative_to(bench).parts[0].removesuffix(".tsv")
         peak = pd.read_csv(f, sep="\t")["max_rss"].max()
         assert peak < declared[rule], f"{f}: {peak} MB > declared {declared[rule]} MB"
+
+
+def test_full_coadd_template_keeps_the_detections(tiny_run, tmp_path):
+    """``diff.leave_one_out: false`` on the same products: only the diffs and what
+    follows them are redone; every visit in its own coadd reports its share ``a``
+    of it, the DIASources are the leave-one-out ones (positions within 0.5 px,
+    S/N within 5 %: the significance is unchanged by the scaling) with fluxes
+    ``1 - a`` of theirs, and the difference noise stays as predicted."""
+    workdir, _, _ = tiny_run
+    work = tmp_path / "full"
+    shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("test_config.yaml"))
+    run_snakemake(work, config=tiny_config(diff={"leave_one_out": False}))
+    loo = pd.read_parquet(workdir / "results" / "dia_sources.parquet")
+    full = pd.read_parquet(work / "results" / "dia_sources.parquet")
+    shares = {}
+    for path in sorted((work / "results" / "diff").glob("*.status.json")):
+        new, old = json.loads(path.read_text()), json.loads(
+            (workdir / "results" / "diff" / path.name).read_text())
+        if old["status"] != "ok":
+            continue
+        assert new["leave_one_out_patches"] == 0
+        assert (new["own_share_max"] > 0) == (old["leave_one_out_patches"] > 0)
+        assert new["noise_ratio"] == pytest.approx(old["noise_ratio"], abs=0.05)
+        shares[(new["visit"], new["detector"])] = new["own_share_max"]
+    assert any(a > 0 for a in shares.values())
+    assert len(full) == pytest.approx(len(loo), abs=max(2, 0.1 * len(loo)))
+    pairs = loo.merge(full, on=["visit", "detector"], suffixes=("_loo", "_full"))
+    pairs = pairs[np.hypot(pairs.x_loo - pairs.x_full, pairs.y_loo - pairs.y_full) < 0.5]
+    assert len(pairs) >= 0.9 * len(loo)
+    a_max = pairs.apply(lambda r: shares[(r.visit, r.detector)], axis=1)
+    ratio = pairs.psfFlux_full / pairs.psfFlux_loo
+    assert np.all(ratio <= 1 + 1e-3) and np.all(ratio >= 1 - a_max - 1e-3)
+    assert np.median(np.abs(pairs.snr_full / pairs.snr_loo - 1)) < 0.05

@@ -1916,3 +1916,39 @@ def _noise_ratio(diff: Exposure, step: int = 3) -> float:
     bad = masks.any_set(diff.mask[::step, ::step], *masks.BAD_FOR_FIT)
     good = ~bad & np.isfinite(img) & np.isfinite(var) & (var > 0)
     return robust_std(img[good] / np.sqrt(var[good]))
+
+
+def with_own_share(diff: Exposure, share: np.ndarray) -> Exposure:
+    """A leave-one-out difference turned into the difference against the full coadd.
+
+    With the visit's own share ``a`` of the coadd's weight at each pixel, the
+    full coadd is ``a S + (1 - a) T'`` once matched, so the difference is
+    ``(1 - a)`` times the leave-one-out one and its variance ``(1 - a)^2``
+    times (:mod:`diffim.template`, "The full coadd as template").
+
+    Parameters
+    ----------
+    diff : Exposure
+        Difference against the leave-one-out template (nJy, variance nJy^2).
+    share : ndarray
+        ``a`` on the difference's pixel grid, dimensionless; NaN or values
+        outside [0, 1] are read as 0 and 1.
+
+    Returns
+    -------
+    Exposure
+        A copy with image x ``(1 - a)`` and variance x ``(1 - a)^2``; where
+        ``a = 1`` (only the visit itself in the coadd) NaN with ``NO_DATA``.
+    """
+    share = np.asarray(share)
+    if share.shape != diff.shape:
+        raise ValueError(f"share {share.shape} and difference {diff.shape} differ in shape")
+    keep = 1.0 - np.clip(np.nan_to_num(share, nan=0.0), 0.0, 1.0)
+    out = diff.copy()
+    out.image *= keep
+    out.variance *= keep * keep
+    alone = keep <= 0
+    out.image[alone] = np.nan
+    out.variance[alone] = np.nan
+    out.mask[alone] |= masks.bit("NO_DATA")
+    return out

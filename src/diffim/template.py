@@ -26,6 +26,24 @@ the cores of variable stars and left a non-PSF-shaped remnant of the visit's
 own flux in its template: -23 % flux bias, pull width 8.7 on the default run.)
 Without a clipping record (a plain mean) the visit entered every pixel where
 its warp is usable.
+
+The full coadd as template
+--------------------------
+With ``diff.leave_one_out: false`` the template is the whole coadd, visit
+included.  Subtracting it directly leaves the visit's own noise on both sides
+of the difference, and a variance plane (the sum of the two) 1.2-3x too large
+where the visit has much of the weight: the variance is then wrong in shape,
+not only in scale.  Instead the leave-one-out difference is scaled: the
+visit's own matched image cancels against itself (the matching kernel and the
+warp's both take its PSF to the model PSF), so against the full coadd ::
+
+    D = S - (a S + (1 - a) T')  =  (1 - a) (S - T'),   a = w_v / S_w
+
+per pixel (``S_w`` the summed weight), with variance ``(1 - a)^2`` times the
+leave-one-out one.  :func:`own_weight_share` gives ``a``;
+:func:`diffim.subtract.with_own_share` applies it.  A transient keeps the
+fraction ``1 - a`` of its flux, which is the full-coadd definition of its
+difference flux.
 """
 
 from __future__ import annotations
@@ -72,15 +90,8 @@ def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: E
         become NO_DATA (NaN).
     """
     out = coadd.copy()
-    var_v = own_warp.variance
-    usable = (np.isfinite(own_warp.image) & ((own_warp.mask & bad_mask_bits) == 0) & (var_v > 0)
-              & (var_v < np.inf) & np.isfinite(coadd.image) & (weight_sum > 0))
-    if (clip_centre is None) != (clip_centre_variance is None):
-        raise ValueError("give both clip_centre and clip_centre_variance, or neither")
-    if clip_centre is not None:
-        dev2 = (own_warp.image - clip_centre) ** 2
-        thr = clip_sigma**2 * (var_v + clip_centre_variance) + (clip_rel * clip_centre) ** 2
-        usable &= dev2 <= thr   # the coadd's own test (NaN compares False)
+    usable = _entered(coadd, weight_sum, own_warp, clip_centre, clip_centre_variance,
+                      clip_sigma, clip_rel, bad_mask_bits)
     rest = weight_sum - weight
     alone = usable & (rest <= 1e-6 * weight)
     ok = usable & ~alone
@@ -92,6 +103,44 @@ def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: E
     out.variance[alone] = np.nan
     out.mask[alone] |= masks.bit("NO_DATA")
     return out
+
+
+def _entered(coadd, weight_sum, own_warp, clip_centre, clip_centre_variance, clip_sigma,
+             clip_rel, bad_mask_bits) -> np.ndarray:
+    """Pixels where the visit's warp entered the coadd (boolean, patch shape)."""
+    var_v = own_warp.variance
+    usable = (np.isfinite(own_warp.image) & ((own_warp.mask & bad_mask_bits) == 0) & (var_v > 0)
+              & (var_v < np.inf) & np.isfinite(coadd.image) & (weight_sum > 0))
+    if (clip_centre is None) != (clip_centre_variance is None):
+        raise ValueError("give both clip_centre and clip_centre_variance, or neither")
+    if clip_centre is not None:
+        dev2 = (own_warp.image - clip_centre) ** 2
+        thr = clip_sigma**2 * (var_v + clip_centre_variance) + (clip_rel * clip_centre) ** 2
+        usable &= dev2 <= thr   # the coadd's own test (NaN compares False)
+    return usable
+
+
+def own_weight_share(coadd: Exposure, weight_sum: np.ndarray, own_warp: Exposure,
+                     weight: float, *, clip_centre: np.ndarray | None = None,
+                     clip_centre_variance: np.ndarray | None = None,
+                     clip_sigma: float = 3.0, clip_rel: float = 0.0,
+                     bad_mask_bits: int = DEFAULT_BAD_MASK_BITS) -> np.ndarray:
+    """The visit's share ``a = w_v / S`` of each coadd pixel's weight.
+
+    Parameters are those of :func:`remove_own_contribution`.
+
+    Returns
+    -------
+    ndarray of float32
+        ``weight / weight_sum`` where the visit entered the coadd (the same
+        pixels :func:`remove_own_contribution` changes), 0 elsewhere; patch
+        shape, dimensionless, in [0, 1].
+    """
+    usable = _entered(coadd, weight_sum, own_warp, clip_centre, clip_centre_variance,
+                      clip_sigma, clip_rel, bad_mask_bits)
+    share = np.zeros(coadd.shape, np.float32)
+    share[usable] = np.minimum(weight / weight_sum[usable], 1.0)
+    return share
 
 
 def template_psf(model_fwhm_arcsec: float, pixel_scale_arcsec: float, kernel_size: int,

@@ -16,9 +16,7 @@ def diff_coadd_inputs(wildcards):
 
 
 def diff_own_warps(wildcards):
-    """The visit's own warps, needed to remove it from its template (leave-one-out)."""
-    if not config["diff"]["leave_one_out"]:
-        return []
+    """The visit's own warps: removed from its template (leave-one-out), or their share of it."""
     return [path("warp", r.band, r.patch, f"v{wildcards.visit}-d{wildcards.detector}.fits")
             for r in _visit_rows(wildcards) if r.included]
 
