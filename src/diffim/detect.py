@@ -473,8 +473,8 @@ def noise_terms(diff: Exposure, scene: np.ndarray | None = None, *,
     del scene_sig
     radius = int(min(np.ceil(1.5 * diff.psf.fwhm()), diff.psf.kernel_size // 2))
     sys = measure_systematics(diff.image, diff.variance, bad, scene, h, terms.c_filter, rho,
-                              xy, radius=radius,
-                              wing_sigma=diff.psf.fwhm())
+                              xy, radius=radius, wing_sigma=diff.psf.fwhm(),
+                              psf=diff.psf.at(), c_psf=terms.c_psf)
     return replace(terms, systematics=sys)
 
 
