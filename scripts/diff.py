@@ -32,11 +32,12 @@ from diffim.template import (own_weight_share, remove_own_contribution, stitch_t
                              template_psf)
 
 
-def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape):
+def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, with_share):
     """One coadd patch without the visit's own contribution, and that contribution's share.
 
     Returns ``(patch, removed, share)``: ``share`` is the visit's share of the
-    coadd's weight per patch pixel (None where the visit is not in the coadd).
+    coadd's weight per patch pixel when ``with_share`` (None where the visit is
+    not in the coadd, or not asked).
     """
     coadd = read_exposure(coadd_path)
     if own_warp is None:
@@ -55,7 +56,7 @@ def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape):
                         clip_rel=float(hdul[0].header.get("CLIPREL", 0.0)))
     warp = read_warp(own_warp, patch_shape)
     weight = float(row["weight"].iloc[0])
-    share = own_weight_share(coadd, weight_sum, warp, weight, **clip)
+    share = own_weight_share(coadd, weight_sum, warp, weight, **clip) if with_share else None
     return remove_own_contribution(coadd, weight_sum, warp, weight, **clip), True, share
 
 
@@ -90,7 +91,8 @@ def main(inp, out, params, wildcards, log=None):
         patches, shares, n_loo = [], [], 0
         for coadd_path, inputs_path, patch in zip(inp.coadds, inp.coadd_inputs, params.patches):
             exp, loo, share = load_patch(coadd_path, inputs_path, own.get(patch), visit,
-                                         detector, skymap.patch_shape(patch))
+                                         detector, skymap.patch_shape(patch),
+                                         with_share=not cfg["leave_one_out"])
             if exp.meta.get("NINPUTS", 0) > 0:
                 patches.append(exp)
                 shares.append(share)

@@ -307,25 +307,25 @@ def _centre_flux_terms(diff_img, diff_var, bad, scene, h, xy, sys: Systematics,
     filtering are batched (:func:`_cutouts`, :func:`_filter_scene`); for
     :func:`flux_factor`.
     """
+    if psf.shape != h.shape:
+        raise ValueError(f"psf {psf.shape} and filter {h.shape} differ in shape")
     g = _centre_wing_kernel(sys)
     hk = h.shape[0] // 2
-    pk = psf.shape[0] // 2
     kept, (img, var, sc, b) = _cutouts((diff_img, diff_var, scene, bad), xy,
-                                       max(hk + g.shape[0] // 2 + 1, pk), _CUTOUT_FILLS)
+                                       hk + g.shape[0] // 2 + 1, _CUTOUT_FILLS)
     if len(kept) == 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     c = img.shape[1] // 2
-    win = (slice(None), slice(c - pk, c + pk + 1), slice(c - pk, c + pk + 1))
-    d, v, bb = img[win], var[win], b[win]
-    w = np.where(bb | ~(v > 0) | ~np.isfinite(d), 0.0, 1.0 / np.where(v > 0, v, 1.0))
+    win = (slice(None), slice(c - hk, c + hk + 1), slice(c - hk, c + hk + 1))
+    d, v = img[win], var[win]
+    usable = ~b[win] & (v > 0) & np.isfinite(d)
+    w = np.where(usable, 1.0, 0.0) / np.where(usable, v, 1.0)
     spp = np.sum(w * psf[None] ** 2, axis=(1, 2))
-    flux = np.sum(w * psf[None] * np.where(w > 0, d, 0.0), axis=(1, 2)) / np.where(spp > 0, spp, 1)
-    noise_var = np.where(spp > 0, c_psf / np.where(spp > 0, spp, 1), np.nan)
-    sf = _filter_scene(sc, h[::-1, ::-1])
-    if psf.shape != h.shape:
-        raise ValueError(f"psf {psf.shape} and filter {h.shape} differ in shape")
+    spp = np.where(spp > 0, spp, np.nan)     # no usable pixel: NaN, left out of the factor
+    flux = np.sum(w * psf[None] * np.where(usable, d, 0.0), axis=(1, 2)) / spp
     per_filtered = float(np.sum(psf * h))
-    return flux, noise_var, _centre_variance(sf, g, sys) / per_filtered**2
+    sf = _filter_scene(sc, h[::-1, ::-1])
+    return flux, c_psf / spp, _centre_variance(sf, g, sys) / per_filtered**2
 
 
 #: A source counts in :func:`flux_factor` where the map's systematic variance
