@@ -79,6 +79,7 @@ from .exposure import Exposure
 from .noisescale import BlockMap, LocalNoiseScale
 from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
+from .stats import inverse_variance_weights
 from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
                         Systematics, measure_systematics, systematic_variance)
 
@@ -635,12 +636,6 @@ def stamp_slices(shape, ix: int, iy: int, h: int):
     img = (slice(y0, y1), slice(x0, x1))
     stp = (slice(y0 - iy + h, y1 - iy + h), slice(x0 - ix + h, x1 - ix + h))
     return img, stp
-
-
-def inverse_variance_weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """Pixel weights ``1 / var``; 0 on ``bad`` pixels and where ``var`` is not positive."""
-    ok = ~bad & np.isfinite(var) & (var > 0)
-    return np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
 
 
 def _psf_fit(image, variance, bad, psf, x: float, y: float) -> tuple[float, float]:

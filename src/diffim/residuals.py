@@ -91,6 +91,7 @@ from scipy import fft as sp_fft
 from scipy import optimize, signal
 
 from .kernel import FFT_WORKERS, fft_convolve
+from .stats import inverse_variance_weights
 
 logger = logging.getLogger(__name__)
 
@@ -317,12 +318,11 @@ def _centre_flux_terms(diff_img, diff_var, bad, scene, h, xy, sys: Systematics,
         return np.zeros(0), np.zeros(0), np.zeros(0)
     c = img.shape[1] // 2
     win = (slice(None), slice(c - hk, c + hk + 1), slice(c - hk, c + hk + 1))
-    d, v = img[win], var[win]
-    usable = ~b[win] & (v > 0) & np.isfinite(d)
-    w = np.where(usable, 1.0, 0.0) / np.where(usable, v, 1.0)
+    d = img[win]
+    w = inverse_variance_weights(var[win], b[win] | ~np.isfinite(d))
     spp = np.sum(w * psf[None] ** 2, axis=(1, 2))
     spp = np.where(spp > 0, spp, np.nan)     # no usable pixel: NaN, left out of the factor
-    flux = np.sum(w * psf[None] * np.where(usable, d, 0.0), axis=(1, 2)) / spp
+    flux = np.sum(w * psf[None] * np.where(w > 0, d, 0.0), axis=(1, 2)) / spp
     per_filtered = float(np.sum(psf * h))
     sf = _filter_scene(sc, h[::-1, ::-1])
     return flux, c_psf / spp, _centre_variance(sf, g, sys) / per_filtered**2
@@ -836,8 +836,7 @@ def _local_terms(theta, var, xy, z_scale, tau2s) -> np.ndarray:
 def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndarray,
                         scene: np.ndarray, h: np.ndarray, c_filter: float, rho: np.ndarray,
                         sources_xy: np.ndarray, *, radius: int,
-                        wing_sigma: float, psf: np.ndarray | None = None,
-                        c_psf: float = 1.0) -> Systematics:
+                        wing_sigma: float, psf: np.ndarray, c_psf: float) -> Systematics:
     """Measure ``eps``, ``delta``, ``zeta``, ``xi`` and ``omega`` around bright scene sources.
 
     And the flux factor (:func:`flux_factor`) on those whose own flux change
@@ -862,10 +861,10 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
         ``omega`` is fitted on the annulus out to :data:`WING_RADII` times it.
     wing_sigma : float
         Blur (pixels) of the wing template ``W_f``.
-    psf : ndarray (K, K), optional
-        The difference's PSF (unit sum, centred), of ``h``'s shape: with it the
-        flux factor is measured on PSF fits (``c_psf`` their noise factor,
-        :func:`diffim.detect.detection_filter`); without it it stays 1.
+    psf : ndarray (K, K)
+        The difference's PSF (unit sum, centred), of ``h``'s shape: the flux
+        factor is measured on PSF fits with it (``c_psf`` their noise factor,
+        :func:`diffim.detect.detection_filter`).
 
     Returns
     -------
@@ -923,9 +922,8 @@ def measure_systematics(diff_img: np.ndarray, diff_var: np.ndarray, bad: np.ndar
                       local_radius=LOCAL_RADII * radius)
     # the flux factor on the static ones (a variable star's change is not a residual)
     static_xy = np.asarray(xy_used)[np.abs(changes[:, 4]) < OUTLIER_FACTOR]
-    if psf is not None:
-        out = replace(out, flux_factor=flux_factor(*_centre_flux_terms(
-            diff_img, diff_var, bad, scene, h, static_xy, out, psf, c_psf)))
+    out = replace(out, flux_factor=flux_factor(*_centre_flux_terms(
+        diff_img, diff_var, bad, scene, h, static_xy, out, psf, c_psf)))
     logger.info("systematic residuals at %d scene sources (%d outliers left out): "
                 "scale %.4f, shift %.4f px, width %.4f px^2, shear %.4f px^2, wings %.4f; "
                 "%d sources with their own shape terms; flux factor %.3f on %d static sources",

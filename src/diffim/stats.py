@@ -52,3 +52,9 @@ def ridge_solve(a: np.ndarray, b: np.ndarray,
     eye = np.eye(t)
     a = a + (ridge * np.trace(a, axis1=-2, axis2=-1)[..., None, None] / t) * eye + 1e-300 * eye
     return np.linalg.solve(a, b[..., None])[..., 0], np.linalg.inv(a)
+
+
+def inverse_variance_weights(var: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Pixel weights ``1 / var``; 0 on ``bad`` pixels and where ``var`` is not positive."""
+    ok = ~bad & np.isfinite(var) & (var > 0)
+    return np.where(ok, 1.0 / np.where(ok, var, 1.0), 0.0)
