@@ -235,6 +235,34 @@ def test_dipole_and_flags():
     assert iso.snr > 5 and iso.psfSnr == pytest.approx(iso.psfFlux / iso.psfFluxErr)
 
 
+def _row(x, y, flux, negative):
+    return {"x": x, "y": y, "psfFlux": flux, "psfFluxErr": 100.0, "snr": 20.0,
+            "isNegative": negative, "isDipole": False, "pixelFlags_edge": False,
+            "pixelFlags_saturated": False, "pixelFlags_bad": False, "psfSnr": flux / 100.0,
+            "dipoleNegFlux": np.nan, "dipoleNegFluxErr": np.nan, "dipoleSeparation": np.nan,
+            "footprintArea": 50}
+
+
+def test_peaks_on_a_bright_wing_are_not_merged_into_a_dipole():
+    """A positive and a negative peak in the wing of a bright transient: the joint fit
+    gives both lobes positive flux, so they are no dipole (before: one dipole row with a
+    "negative" lobe of thousands of nJy, a false positive that skipped the point-like test)."""
+    d = _noise_diff(seed=4, fwhm=6.0)
+    _add_psf(d, 128.0, 128.0, 2.0e5)                  # S/N ~2000 transient
+    bad = np.zeros(d.shape, bool)
+    pos, neg = _row(141.0, 137.0, 1500.0, False), _row(139.0, 128.0, -1500.0, True)
+    rows = det._merge_dipoles(d, bad, [pos], [neg], max_sep=12.0, max_ratio=3.0)
+    assert len(rows) == 2 and not any(r["isDipole"] for r in rows)
+    assert {r["isNegative"] for r in rows} == {False, True}
+    # the same two peaks on an empty background, with real lobes, are one dipole
+    e = _noise_diff(seed=4, fwhm=6.0)
+    _add_psf(e, 141.0, 137.0, 1500.0)
+    _add_psf(e, 139.0, 128.0, -1500.0)
+    (row,) = det._merge_dipoles(e, bad, [pos], [neg], max_sep=12.0, max_ratio=3.0)
+    assert row["isDipole"] and row["psfFlux"] > 0 > row["dipoleNegFlux"]
+    assert abs(row["psfFlux"] - 1500.0) < 4 * row["psfFluxErr"]
+
+
 def test_empty_catalogue_has_schema():
     cat = det.detect_dia_sources(_noise_diff(seed=3), threshold=50.0)
     assert len(cat) == 0

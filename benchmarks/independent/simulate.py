@@ -23,7 +23,7 @@ What it makes (see README.md next to this file):
   stars;
 * a reference catalogue (stars only, noisy, incomplete) and truth tables.
 
-Usage:  python simulate.py --outdir DIR [--seed N] [--preset small|wide]
+Usage:  python simulate.py --outdir DIR [--seed N] [--preset small|wide|lsst]
 """
 import argparse
 import json
@@ -89,6 +89,26 @@ PRESETS = {
         distortion_px=3.0,
         mjd0=60420.0, span=60.0,
         first_visit=7100,
+    ),
+    "lsst": dict(
+        # one LSST-sized sensor (4000 x 4072 px, 0.2"/px), the cookbook's eimage size
+        bands=["r"],
+        n_visits=8,
+        nx=4000, ny=4072,
+        detectors={94: (-1999.5, -2035.5)},
+        pixel_scale=0.2,
+        ra0=53.0, dec0=-28.1,
+        star_density=15000.0,
+        gal_density=12000.0,
+        n_bright=8,
+        n_transients=60, n_varstars=15,
+        central_radius=300.0,
+        dither=150.0,
+        seeing=(0.6, 1.2),
+        exptime=(15.0, 30.0),
+        distortion_px=3.0,
+        mjd0=60600.0, span=40.0,
+        first_visit=2290000,
     ),
 }
 
