@@ -12,7 +12,14 @@ For comparison it then resamples the matched image plane once with
 the well-kept library this warp would otherwise be: its time, and how far its
 image is from ours (``--no-reproject`` skips it).
 
-Run:  python benchmarks/bench_warp.py      (~45 s on 2 cores, ~70 s with reproject)
+Then, as the workflow's warp jobs do, it warps the same visit into the four
+patches whose corner it straddles with :func:`diffim.psfmatch.make_warp`:
+each patch's warp matched on the whole calexp (``crop=False``) and on the
+part the patch needs (the default), with the largest difference between the
+two (``--no-patches`` skips it).
+
+Run:  python benchmarks/bench_warp.py      (~45 s on 2 cores, ~70 s with reproject,
+                                            ~40 s more for the four patches)
 """
 
 from __future__ import annotations
@@ -138,10 +145,42 @@ def reproject_row(matched_image, visit_wcs, patch_wcs, warp):
     return dt, dc, diff, float(both.mean())
 
 
+def four_patches(visit):
+    """Warp ``visit`` into the four patches meeting near its centre, whole vs cropped match.
+
+    Returns rows ``(patch, whole s, cropped s, box shape, max |difference| / max |image|)``.
+    """
+    from diffim.psfmatch import make_warp
+
+    ny, nx = SHAPE
+    meta = {**visit.meta, "NJYPERE": 1.0}
+    calexp = Exposure(image=visit.image, variance=visit.variance, mask=visit.mask,
+                      wcs=visit.wcs, psf=visit.psf, meta=meta)
+    rows = []
+    # patch (i, j) has its reference pixel (patch centre) 2000 px from the visit's
+    # centre along each axis, so the four patches share a corner near it
+    for i, j in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        crpix = (PATCH[1] / 2 + 0.5 + (1 - 2 * i) * 1900.0 + 37.3,
+                 PATCH[0] / 2 + 0.5 + (1 - 2 * j) * 1900.0 - 21.9)
+        wcs = tan_wcs(crpix, 0.0)
+        t0 = time.perf_counter()
+        whole = make_warp(calexp, 1.2, wcs, PATCH, crop=False)
+        t1 = time.perf_counter()
+        part = make_warp(calexp, 1.2, wcs, PATCH)
+        t2 = time.perf_counter()
+        good = np.isfinite(whole.image) & np.isfinite(part.image)
+        err = float(np.abs(whole.image[good] - part.image[good]).max()
+                    / np.nanmax(np.abs(whole.image)))
+        rows.append((f"{i}x{j}", t1 - t0, t2 - t1, whole.shape, err))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-reproject", action="store_true",
                         help="skip the comparison with reproject.reproject_interp")
+    parser.add_argument("--no-patches", action="store_true",
+                        help="skip the four-patch comparison of whole and cropped matching")
     args = parser.parse_args()
     rng = np.random.default_rng(42)
     visit = make_visit(rng)
@@ -175,17 +214,27 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (other processes share the 2 cores)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"process peak RSS (incl. input generation): {rss:.0f} MB")
-    if args.no_reproject:
+    if not args.no_reproject:
+        ref = reproject_row(matched.image, visit.wcs, patch_wcs, warp)
+        if ref is None:
+            print("reproject is not installed (pip install -e '.[test]'): no comparison")
+        else:
+            dt, dc, diff, cover = ref
+            print(f"{'reference: reproject_interp bicubic, image only':48s} {dt:9.2f} {dc:8.2f}")
+            print(f"  ours vs reproject on the {cover:.0%} of the patch both cover: median "
+                  f"|difference| {diff:.3f} x the noise sigma (ours also resamples the "
+                  f"variance and mask: {rows[-1][1]:.2f} s for all three planes)")
+    if args.no_patches:
         return
-    ref = reproject_row(matched.image, visit.wcs, patch_wcs, warp)
-    if ref is None:
-        print("reproject is not installed (pip install -e '.[test]'): no comparison")
-        return
-    dt, dc, diff, cover = ref
-    print(f"{'reference: reproject_interp bicubic, image only':48s} {dt:9.2f} {dc:8.2f}")
-    print(f"  ours vs reproject on the {cover:.0%} of the patch both cover: median "
-          f"|difference| {diff:.3f} x the noise sigma (ours also resamples the variance "
-          f"and mask: {rows[-1][1]:.2f} s for all three planes)")
+    del warp, matched
+    print()
+    print("one visit into the four patches around its centre (make_warp, as the warp jobs):")
+    print(f"{'patch':8s} {'whole match [s]':>16s} {'cropped [s]':>12s} {'warp box':>12s} "
+          f"{'max |diff| / max':>17s}")
+    prows = four_patches(visit)
+    for name, tw, tc, shape, err in prows:
+        print(f"{name:8s} {tw:16.2f} {tc:12.2f} {shape[1]:>5d}x{shape[0]:<6d} {err:17.1e}")
+    print(f"{'total':8s} {sum(r[1] for r in prows):16.2f} {sum(r[2] for r in prows):12.2f}")
 
 
 if __name__ == "__main__":

@@ -277,3 +277,33 @@ def test_no_data_outside_and_around_nan():
     # source pixels, i.e. ~4 target pixels (measured 5)
     bad = (out.mask & bit("BAD")) != 0
     assert 2 <= bad.sum() <= 7
+
+
+def test_only_the_needed_source_region_is_resampled(monkeypatch):
+    """A target that needs a corner of the source: the warp of the source's region
+    (``source_region``) is the warp of the whole source."""
+    import diffim.warp as warp_module
+
+    rng = np.random.default_rng(11)
+    src = tan_wcs((300.5, 250.5), sip=True)
+    shape = (500, 600)
+    ra, dec = src.pixel_to_world_values(rng.uniform(0, 600, 80), rng.uniform(0, 500, 80))
+    image = render_blobs(src, shape, ra, dec) * 100.0 + rng.normal(0, 1, shape)
+    image[430:434, 520:523] = np.nan
+    mask = np.zeros(shape, MASK_DTYPE)
+    mask[420, 500] = bit("CR")
+    mask[380:480, 450] = bit("BAD")
+    exp = exposure(image, src, mask=mask, variance=np.full(shape, 2.0))
+    dst = tan_wcs((-100.5, -80.5), 25.0)            # holds the source's upper right part
+    bbox = footprint_bbox(src, shape, dst, (300, 300))
+    part = warp_module.source_region(exp, dst, bbox, margin=13)
+    assert part.image.size < 0.5 * exp.image.size
+    out = warp_exposure(exp, dst, (300, 300))
+    monkeypatch.setattr(warp_module, "source_region", lambda exposure, *a, **k: exposure)
+    ref = warp_exposure(exp, dst, (300, 300))
+    np.testing.assert_array_equal(out.mask, ref.mask)
+    good = np.isfinite(ref.image)
+    np.testing.assert_array_equal(np.isfinite(out.image), good)
+    assert good.sum() > 20000 and ((out.mask & bit("BAD")) != 0).sum() > 50
+    np.testing.assert_allclose(out.image[good], ref.image[good], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out.variance[good], ref.variance[good], rtol=1e-6)

@@ -60,6 +60,18 @@ class Exposure:
         """``(ny, nx)``."""
         return self.image.shape
 
+    def cropped(self, x0: int, y0: int, x1: int, y1: int) -> "Exposure":
+        """The sub-exposure ``[y0:y1, x0:x1]`` (planes are views), WCS and PSF shifted to it."""
+        ny, nx = self.shape
+        if not (0 <= x0 < x1 <= nx and 0 <= y0 < y1 <= ny):
+            raise ValueError(f"crop box x {x0}:{x1}, y {y0}:{y1} is not inside the "
+                             f"{nx} x {ny} exposure")
+        sl = (slice(y0, y1), slice(x0, x1))
+        return replace(self, image=self.image[sl], variance=self.variance[sl],
+                       mask=self.mask[sl], meta=dict(self.meta),
+                       wcs=None if self.wcs is None else self.wcs[sl],
+                       psf=None if self.psf is None else self.psf.cropped(x0, y0, x1 - x0, y1 - y0))
+
     def copy(self, **changes) -> "Exposure":
         """A copy with array planes copied and the given attributes replaced."""
         new = replace(self, image=self.image.copy(), variance=self.variance.copy(),

@@ -527,16 +527,21 @@ def convolve_spatially_varying(image, kernel_model: PsfModel, *, fill_mask=None)
     return _convolve_terms(data, kernel_model)
 
 
-def convolve_variance(variance, kernel_model: PsfModel, *, fill_mask=None) -> np.ndarray:
+def convolve_variance(variance, kernel_model: PsfModel, *, fill_mask=None,
+                      squared_model: PsfModel | None = None) -> np.ndarray:
     """Propagate a variance plane through the convolution: ``variance (x) K**2``.
 
     ``K(x, y)**2`` is itself modelled as a polynomial of the kernel model's
-    order fitted on a grid (exact for a constant kernel).  Pixel covariance
-    created by the convolution is neglected, as everywhere in the pipeline.
+    order fitted on a grid (exact for a constant kernel), unless
+    ``squared_model`` gives that model.  Pixel covariance created by the
+    convolution is neglected, as everywhere in the pipeline.
     """
     data = _filled(variance, fill_mask)
     _check_model_for_image(kernel_model, data.shape)
-    return _convolve_terms(data, _squared_kernel_model(kernel_model))
+    if squared_model is None:
+        squared_model = _squared_kernel_model(kernel_model)
+    _check_model_for_image(squared_model, data.shape)
+    return _convolve_terms(data, squared_model)
 
 
 # --------------------------------------------------------------------------
@@ -745,7 +750,8 @@ def spread_by_influence(mask, values, sigma, envelope, *, planes=UNTRUSTED_PLANE
 def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
                    kernel_model: PsfModel | None = None,
                    fill_bits: tuple[str, ...] = ("NO_DATA",),
-                   mask_threshold: float = 0.01):
+                   mask_threshold: float = 0.01,
+                   box: tuple[int, int, int, int] | None = None):
     """PSF-match an exposure to ``target_psf`` (image, variance, mask and PSF).
 
     Parameters
@@ -762,6 +768,12 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
         Mask planes whose pixels are set to 0 before convolving (NaN always is).
     mask_threshold : float
         Fraction of ``sum |K|`` above which a kernel pixel spreads mask bits.
+    box : (x0, y0, x1, y1), optional
+        Match only ``exposure[y0:y1, x0:x1]``, as it is matched within the
+        whole exposure: the kernel's polynomials, its square, footprint and
+        envelope are those of the whole, re-expressed in the box's pixels.
+        Pixels within a kernel size of the box's border lose their outer
+        neighbours (NO_DATA rim, growth), so the box should hold a margin.
 
     Returns
     -------
@@ -780,6 +792,15 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     if kernel_model is None:
         kernel_model = matching_kernel_model(exposure.psf, target_psf,
                                              regularization=regularization)
+    # the kernel's properties over the whole exposure, also when only a box is matched
+    squared = _squared_kernel_model(kernel_model)
+    halfwidth = kernel_footprint_halfwidth(kernel_model, threshold=mask_threshold)
+    envelope = kernel_envelope(kernel_model)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        exposure = exposure.cropped(x0, y0, x1, y1)
+        kernel_model, squared = (m.cropped(x0, y0, x1 - x0, y1 - y0)
+                                 for m in (kernel_model, squared))
     fill = (exposure.mask & bits(*fill_bits)) != 0 if fill_bits else None
     fill = ~np.isfinite(exposure.image) if fill is None else fill | ~np.isfinite(exposure.image)
     # NaN pixels, columns and small blocks are inpainted like bad pixels; only
@@ -790,14 +811,13 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     data = inpaint(exposure.image, patched | fill)
     image = convolve_spatially_varying(data, kernel_model, fill_mask=fill)
     variance = convolve_variance(inpaint(exposure.variance, patched | fill), kernel_model,
-                                 fill_mask=fill)
+                                 fill_mask=fill, squared_model=squared)
     base_mask = (exposure.mask | np.where(fill | holes, bit("NO_DATA"), 0)).astype(MASK_DTYPE)
     # inpainted pixels are not grown by the footprint: they hold an estimate,
     # and their bits spread only as far as its error reaches (below)
     inpainted = np.where(patched, np.int32(bits(*INPAINTED_PLANES, "NO_DATA")),
                          np.int32(bits(*INPAINTED_PLANES)))
-    mask = grow_mask(base_mask & ~inpainted,
-                     kernel_footprint_halfwidth(kernel_model, threshold=mask_threshold))
+    mask = grow_mask(base_mask & ~inpainted, halfwidth)
     mask |= base_mask & inpainted
     # how wrong a masked pixel may be: saturated ones entirely, inpainted ones
     # within a bound from their neighbours
@@ -805,7 +825,6 @@ def match_exposure(exposure, target_psf, *, regularization: float = 1e-3,
     doubt[fill] = 0.0
     with np.errstate(invalid="ignore"):
         sigma = np.sqrt(np.maximum(variance, 0))
-    envelope = kernel_envelope(kernel_model)
     mask = spread_by_influence(mask, doubt, sigma, envelope)
     if holes.any():  # NO_DATA spreads from the holes only, not from the grown border
         mask |= spread_by_influence(np.where(holes, bit("NO_DATA"), 0).astype(MASK_DTYPE),

@@ -365,6 +365,29 @@ class PsfModel:
         ys = np.linspace(0, self.height - 1, n)
         return max(self.fwhm(x, y) for x in xs for y in ys)
 
+    def cropped(self, x0: int, y0: int, width: int, height: int) -> "PsfModel":
+        """The model of the sub-image ``[y0:y0 + height, x0:x0 + width]``, in its pixels.
+
+        Exact: the polynomial in the full image's scaled coordinates is
+        re-expressed in the sub-image's (an affine change of variables keeps
+        the order), so ``cropped(...).at(x, y) == at(x + x0, y + y0)``.
+        """
+        if width < 1 or height < 1:
+            raise ValueError(f"a crop needs a positive size, got {width} x {height}")
+        crop = PsfModel(coeffs=self.coeffs, order=self.order, width=width, height=height)
+        if self.order == 0:
+            return crop
+        # (order + 2)^2 points determine a 2-D polynomial of this total degree
+        g = np.linspace(0.0, 1.0, self.order + 2)
+        xs, ys = np.meshgrid(g * (width - 1), g * (height - 1))
+        xs, ys = xs.ravel(), ys.ravel()
+        old = poly_terms(*self.scaled_uv(xs + x0, ys + y0), self.order)
+        new = poly_terms(*crop.scaled_uv(xs, ys), self.order)
+        # old terms = M @ new terms at every position, so sum_k old_k C_k = sum_j new_j C'_j
+        m = np.linalg.lstsq(new.T, old.T, rcond=None)[0].T
+        coeffs = np.tensordot(m.T, self.coeffs, axes=(1, 0))
+        return PsfModel(coeffs=coeffs, order=self.order, width=width, height=height)
+
     def padded(self, size: int) -> "PsfModel":
         """The same model on a larger odd kernel size (zero-padded, centre kept).
 

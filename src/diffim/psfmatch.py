@@ -21,13 +21,17 @@ from .errors import NoOverlapError, PsfFitError
 from .exposure import Exposure
 from .kernel import can_match, match_exposure
 from .psf import PsfModel, kernel_size_for, model_psf_kernel
-from .warp import warp_exposure
+from .warp import footprint_bbox, warp_exposure
 
 logger = logging.getLogger(__name__)
 
 #: Matching kernels broader than this (FWHM, px) correlate the noise enough that
 #: resampling does not average it down.
 SMOOTH_KERNEL_FWHM_PX = 2.0
+#: Margin (in kernel sizes) around the part of a calexp that a patch needs: the
+#: convolution and the mask growth reach half a kernel size, the no-data rim of
+#: the crop as far, the resampling a few pixels.
+CROP_MARGIN_KERNELS = 2
 
 
 def to_njy(calexp: Exposure) -> Exposure:
@@ -65,8 +69,17 @@ def patch_overlap_box(calexp_wcs: WCS, calexp_shape, patch_wcs: WCS, patch_shape
 
 
 def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_shape, *,
-              regularization: float = 1e-3) -> Exposure:
+              regularization: float = 1e-3, crop: bool = True) -> Exposure:
     """PSF-match a calexp to the model PSF and warp it onto a patch.
+
+    Only the part of the calexp that the patch needs is matched (``crop``):
+    the patch box mapped back to the detector, plus :data:`CROP_MARGIN_KERNELS`
+    kernel sizes, beyond the reach of the convolution, the mask growth and
+    the resampling (:func:`diffim.kernel.match_exposure` with ``box``: the
+    kernel model is that of the whole detector), so the warp is the one that
+    matching the whole calexp gives, to float32 round-off, at the cost of
+    the area the patch covers: a 4000 x 4072 visit on four patches was
+    matched whole four times before (5.6 of a warp job's 7.8 s).
 
     Parameters
     ----------
@@ -76,6 +89,11 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
         FWHM of the circular Gaussian model PSF, arcsec.
     patch_wcs, patch_shape
         The patch's WCS and outer shape ``(ny, nx)``.
+    regularization : float
+        See :func:`diffim.kernel.matching_kernel`.
+    crop : bool
+        Match only the region the patch needs (default); False matches the
+        whole calexp (the reference the crop is tested against).
 
     Returns
     -------
@@ -104,14 +122,19 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
         ok, reason = can_match(calexp.psf.at(x, y), model)
         if not ok:
             raise PsfFitError(f"at pixel ({x:.0f}, {y:.0f}): {reason}")
-    matched = match_exposure(to_njy(calexp), model, regularization=regularization)
     box = patch_overlap_box(calexp.wcs, calexp.shape, patch_wcs, patch_shape, pad=2)
     if box is None:
         raise NoOverlapError("the exposure does not overlap this patch")
-    x0, y0, x1, y1 = box
     # noise correlated over more than ~2 px after matching: interpolate variance
     # linearly (see warp_exposure); a near-delta kernel leaves the noise white
     smooth = (model_fwhm_arcsec / scale) ** 2 - calexp.psf.fwhm() ** 2 > SMOOTH_KERNEL_FWHM_PX**2
+    x0, y0, x1, y1 = box
+    region = None
+    if crop:
+        sy, sx = footprint_bbox(patch_wcs[y0:y1, x0:x1], (y1 - y0, x1 - x0), calexp.wcs,
+                                calexp.shape, margin=CROP_MARGIN_KERNELS * size)
+        region = (sx.start, sy.start, sx.stop, sy.stop)
+    matched = match_exposure(to_njy(calexp), model, regularization=regularization, box=region)
     sub_wcs = patch_wcs.deepcopy()
     sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
