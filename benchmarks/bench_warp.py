@@ -19,7 +19,7 @@ part the patch needs (the default), with the largest difference between the
 two (``--no-patches`` skips it).
 
 Run:  python benchmarks/bench_warp.py      (~45 s on 2 cores, ~70 s with reproject,
-                                            ~40 s more for the four patches)
+                                            ~30 s more for the four patches)
 """
 
 from __future__ import annotations
@@ -152,13 +152,13 @@ def four_patches(visit):
     """
     from diffim.psfmatch import make_warp
 
-    ny, nx = SHAPE
     meta = {**visit.meta, "NJYPERE": 1.0}
     calexp = Exposure(image=visit.image, variance=visit.variance, mask=visit.mask,
                       wcs=visit.wcs, psf=visit.psf, meta=meta)
     rows = []
-    # patch (i, j) has its reference pixel (patch centre) 2000 px from the visit's
-    # centre along each axis, so the four patches share a corner near it
+    # patch (i, j) has the visit's centre 1900 px (+ a fraction) from its own
+    # centre along each axis, so the four patches share a corner near it and
+    # each needs about a quarter of the visit
     for i, j in ((0, 0), (1, 0), (0, 1), (1, 1)):
         crpix = (PATCH[1] / 2 + 0.5 + (1 - 2 * i) * 1900.0 + 37.3,
                  PATCH[0] / 2 + 0.5 + (1 - 2 * j) * 1900.0 - 21.9)

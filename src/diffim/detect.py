@@ -929,9 +929,9 @@ def _lobes_confirmed(f_p, e_p, f_n, e_n, snr_p, snr_n, fraction: float) -> bool:
     """Whether a joint two-PSF fit confirms a dipole (the point-like test of its lobes).
 
     Each lobe must have its sign and a fitted S/N of at least ``fraction`` of
-    its peak's significance.  Real dipoles have 1.0-1.8 (lobes 1-8 px apart
-    at FWHM 4 px: the filter sees each lobe partly cancelled by the other);
-    ``fraction <= 0`` asks for the signs only.
+    its peak's significance.  Real dipoles have 0.98-1.84 of the larger
+    peak's (lobes 1-8 px apart at FWHM 4 px: the filter sees each lobe partly
+    cancelled by the other); ``fraction <= 0`` asks for the signs only.
     """
     if not (e_p > 0 and e_n > 0 and f_p > 0 > f_n):
         return False
