@@ -949,8 +949,8 @@ def _merge_dipoles(diff: Exposure, bad: np.ndarray, pos: list[dict], neg: list[d
     in a broad-PSF visit, a flank peak of the significance (14 px out, PSF-fit
     S/N 2.5 at significance 24) and a negative side-lobe of the detection
     filter were paired, and the fit put +14,000 nJy of the transient's wing
-    into the "negative" lobe; such rows were 5 of the 45 false positives of an
-    LSST-sized independent set.
+    into the "negative" lobe; four such rows were false positives (of 45) on
+    an LSST-sized independent set.
     """
     pairs = []
     for i, p in enumerate(pos):
