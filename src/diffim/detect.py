@@ -84,7 +84,8 @@ from .psf import moments_fwhm
 from .kernel import bin_sum, dilate, fft_convolve
 from .stats import inverse_variance_weights
 from .residuals import (MAX_SOURCES, MIN_SOURCE_SNR, SPARSE_SOURCE_SNR, SPARSE_SOURCES,
-                        Systematics, measure_systematics, systematic_variance)
+                        Systematics, flux_per_filtered, measure_systematics,
+                        systematic_variance)
 
 logger = logging.getLogger(__name__)
 
@@ -1143,8 +1144,8 @@ def _point_like(row: dict, fraction: float, sys_err: float = 0.0) -> bool:
 
 
 def _flux_per_filtered(psf, h: np.ndarray) -> float:
-    """``sum(P h)``: the filtered value of a point source of unit flux (PSF at the centre)."""
-    return float(np.sum(psf.at() * h))
+    """:func:`diffim.residuals.flux_per_filtered` of the difference's PSF model at its centre."""
+    return flux_per_filtered(psf.at(), h)
 
 
 def _systematic_flux_error(sys_var: np.ndarray, x, y, per_filtered: float) -> np.ndarray:

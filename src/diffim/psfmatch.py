@@ -43,29 +43,10 @@ def to_njy(calexp: Exposure) -> Exposure:
     if calexp.meta.get("BUNIT") == "nJy":
         return calexp
     scale = float(calexp.meta["NJYPERE"])
-    return calexp.copy(image=calexp.image * np.float32(scale),
-                       variance=calexp.variance * np.float32(scale**2),
-                       meta={**calexp.meta, "BUNIT": "nJy"})
-
-
-def patch_overlap_box(calexp_wcs: WCS, calexp_shape, patch_wcs: WCS, patch_shape, *,
-                      pad: int) -> tuple[int, int, int, int] | None:
-    """Box ``(x0, y0, x1, y1)`` of patch pixels covered by a calexp, padded, clipped.
-
-    Returns None when the calexp does not reach the patch.
-    """
-    ny, nx = calexp_shape
-    t = np.linspace(0, 1, 33)
-    xs = np.concatenate([t * (nx - 1), np.full_like(t, nx - 1), t * (nx - 1), np.zeros_like(t)])
-    ys = np.concatenate([np.zeros_like(t), t * (ny - 1), np.full_like(t, ny - 1), t * (ny - 1)])
-    px, py = patch_wcs.world_to_pixel_values(*calexp_wcs.pixel_to_world_values(xs, ys))
-    x0 = max(int(np.floor(px.min())) - pad, 0)
-    y0 = max(int(np.floor(py.min())) - pad, 0)
-    x1 = min(int(np.ceil(px.max())) + pad + 1, patch_shape[1])
-    y1 = min(int(np.ceil(py.max())) + pad + 1, patch_shape[0])
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return x0, y0, x1, y1
+    # new image and variance planes by the products (not copied first, then replaced)
+    return replace(calexp, image=calexp.image * np.float32(scale),
+                   variance=calexp.variance * np.float32(scale**2), mask=calexp.mask.copy(),
+                   meta={**calexp.meta, "BUNIT": "nJy"})
 
 
 def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_shape, *,
@@ -122,21 +103,21 @@ def make_warp(calexp: Exposure, model_fwhm_arcsec: float, patch_wcs: WCS, patch_
         ok, reason = can_match(calexp.psf.at(x, y), model)
         if not ok:
             raise PsfFitError(f"at pixel ({x:.0f}, {y:.0f}): {reason}")
-    box = patch_overlap_box(calexp.wcs, calexp.shape, patch_wcs, patch_shape, pad=2)
+    # the patch pixels the calexp covers, and the sub-grid of the patch they make
+    box = footprint_bbox(calexp.wcs, calexp.shape, patch_wcs, patch_shape, margin=2)
     if box is None:
         raise NoOverlapError("the exposure does not overlap this patch")
+    (y0, y1), (x0, x1) = ((sl.start, sl.stop) for sl in box)
+    sub_wcs = patch_wcs[box]
     # noise correlated over more than ~2 px after matching: interpolate variance
     # linearly (see warp_exposure); a near-delta kernel leaves the noise white
     smooth = (model_fwhm_arcsec / scale) ** 2 - calexp.psf.fwhm() ** 2 > SMOOTH_KERNEL_FWHM_PX**2
-    x0, y0, x1, y1 = box
     region = None
-    if crop:
-        sy, sx = footprint_bbox(patch_wcs[y0:y1, x0:x1], (y1 - y0, x1 - x0), calexp.wcs,
-                                calexp.shape, margin=CROP_MARGIN_KERNELS * size)
+    if crop:  # the calexp pixels that sub-grid needs
+        sy, sx = footprint_bbox(sub_wcs, (y1 - y0, x1 - x0), calexp.wcs, calexp.shape,
+                                margin=CROP_MARGIN_KERNELS * size)
         region = (sx.start, sy.start, sx.stop, sy.stop)
     matched = match_exposure(to_njy(calexp), model, regularization=regularization, box=region)
-    sub_wcs = patch_wcs.deepcopy()
-    sub_wcs.wcs.crpix = sub_wcs.wcs.crpix - np.array([x0, y0])
     warped = warp_exposure(matched, sub_wcs, (y1 - y0, x1 - x0), smooth_noise=smooth)
     psf = PsfModel.model(model_fwhm_arcsec / patch_scale, size,
                           width=patch_shape[1], height=patch_shape[0])

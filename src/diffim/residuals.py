@@ -296,6 +296,14 @@ def _centre_variance(sf: np.ndarray, g: np.ndarray, sys: Systematics) -> np.ndar
     return v
 
 
+def flux_per_filtered(psf: np.ndarray, h: np.ndarray) -> float:
+    """``sum(P h)``: the filtered value of a point source of unit flux (PSF ``P`` at the centre).
+
+    Divides a filtered-units variance into a PSF flux's (``/ sum(P h)^2``).
+    """
+    return float(np.sum(psf * h))
+
+
 def _centre_flux_terms(diff_img, diff_var, bad, scene, h, xy, sys: Systematics,
                        psf: np.ndarray, c_psf: float):
     """PSF fluxes, their noise variance and the map's systematic flux variance at ``xy``.
@@ -323,9 +331,8 @@ def _centre_flux_terms(diff_img, diff_var, bad, scene, h, xy, sys: Systematics,
     spp = np.sum(w * psf[None] ** 2, axis=(1, 2))
     spp = np.where(spp > 0, spp, np.nan)     # no usable pixel: NaN, left out of the factor
     flux = np.sum(w * psf[None] * np.where(w > 0, d, 0.0), axis=(1, 2)) / spp
-    per_filtered = float(np.sum(psf * h))
     sf = _filter_scene(sc, h[::-1, ::-1])
-    return flux, c_psf / spp, _centre_variance(sf, g, sys) / per_filtered**2
+    return flux, c_psf / spp, _centre_variance(sf, g, sys) / flux_per_filtered(psf, h)**2
 
 
 #: A source counts in :func:`flux_factor` where the map's systematic variance
