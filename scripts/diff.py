@@ -18,8 +18,9 @@ from astropy.io import fits
 from diffim.artifacts import unresolved_artifacts
 from diffim.detect import detect_dia_sources, noise_terms, significance_maps
 from diffim.errors import DiffimError, NoOverlapError
-from diffim.io import (atomic_path, read_exposure, read_table, read_warp, write_ds9_regions,
-                       write_exposure, write_json, write_table)
+from diffim.io import (atomic_path, read_exposure, read_extension, read_optional_extension,
+                       read_table, read_warp, write_ds9_regions, write_exposure, write_json,
+                       write_table)
 from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
 from diffim.register import header_cards as registration_cards
@@ -29,32 +30,34 @@ from diffim.skymap import SkyMap
 from diffim.subtract import SHARE_BIN, subtract_images, with_own_share
 from diffim.tables import DIA_SOURCE_SCHEMA, dia_source_ids
 from diffim.template import (own_weight_share, remove_own_contribution, stitch_template,
-                             template_psf)
+                             template_box, template_psf)
 
 
-def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, with_share):
-    """One coadd patch without the visit's own contribution, and that contribution's share.
+def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, box,
+               with_share):
+    """The part ``box`` of one coadd patch without the visit's own contribution, and its share.
 
-    Returns ``(patch, removed, share)``: ``share`` is the visit's share of the
-    coadd's weight per patch pixel when ``with_share`` (None where the visit is
-    not in the coadd, or not asked).
+    Returns ``(patch, removed, share)``: ``patch`` covers ``box`` (patch
+    pixels ``(slice_y, slice_x)``, the region the visit's template needs);
+    ``share`` is the visit's share of the coadd's weight per pixel there when
+    ``with_share`` (None where the visit is not in the coadd, or not asked).
     """
-    coadd = read_exposure(coadd_path)
+    coadd = read_exposure(coadd_path, box=box)
     if own_warp is None:
         return coadd, False, None
     inputs = read_table(inputs_path)
     row = inputs[(inputs["visit"] == visit) & (inputs["detector"] == detector) & inputs["included"]]
     if row.empty:
         return coadd, False, None
-    clip = {}
-    with fits.open(coadd_path) as hdul:
-        weight_sum = np.array(hdul["WEIGHTSUM"].data, dtype=np.float64)
-        if "CLIPCEN" in hdul:
-            clip = dict(clip_centre=np.asarray(hdul["CLIPCEN"].data, np.float32),
-                        clip_centre_variance=np.asarray(hdul["CLIPCVAR"].data, np.float32),
-                        clip_sigma=float(hdul[0].header["CLIPSIG"]),
-                        clip_rel=float(hdul[0].header.get("CLIPREL", 0.0)))
-    warp = read_warp(own_warp, patch_shape)
+    weight_sum = read_extension(coadd_path, "WEIGHTSUM", box=box).astype(np.float64)
+    clip, centre = {}, read_optional_extension(coadd_path, "CLIPCEN", box=box)
+    if centre is not None:  # a sigma-clipped coadd: its last clipping centre
+        clip = dict(clip_centre=centre[0].astype(np.float32),
+                    clip_centre_variance=read_extension(coadd_path, "CLIPCVAR",
+                                                        box=box).astype(np.float32),
+                    clip_sigma=float(coadd.meta["CLIPSIG"]),
+                    clip_rel=float(coadd.meta.get("CLIPREL", 0.0)))
+    warp = read_warp(own_warp, patch_shape, box=box)
     weight = float(row["weight"].iloc[0])
     share = own_weight_share(coadd, weight_sum, warp, weight, **clip) if with_share else None
     return remove_own_contribution(coadd, weight_sum, warp, weight, **clip), True, share
@@ -90,8 +93,12 @@ def main(inp, out, params, wildcards, log=None):
         own = {w.split("/")[-2]: w for w in inp.own_warps}
         patches, shares, n_loo = [], [], 0
         for coadd_path, inputs_path, patch in zip(inp.coadds, inp.coadd_inputs, params.patches):
+            box = template_box(calexp.wcs, calexp.shape, skymap.patch_wcs(patch),
+                               skymap.patch_shape(patch))
+            if box is None:  # the sky map's overlap test is looser than the footprint
+                continue
             exp, loo, share = load_patch(coadd_path, inputs_path, own.get(patch), visit,
-                                         detector, skymap.patch_shape(patch),
+                                         detector, skymap.patch_shape(patch), box,
                                          with_share=not cfg["leave_one_out"])
             if exp.meta.get("NINPUTS", 0) > 0:
                 patches.append(exp)

@@ -10,7 +10,8 @@ from astropy.wcs import WCS
 from diffim import masks
 from diffim.errors import InputError
 from diffim.exposure import Exposure
-from diffim.io import atomic_path, read_eimage, read_exposure, write_exposure, write_json
+from diffim.io import (atomic_path, read_eimage, read_exposure, read_extension,
+                       read_optional_extension, read_warp, write_exposure, write_json)
 from diffim.psf import PsfModel
 
 
@@ -71,3 +72,48 @@ def test_unreadable_eimages_name_the_file(tmp_path):
     for name in ("empty.fits", "text.fits", "missing.fits"):
         with pytest.raises(InputError, match=name):
             read_eimage(tmp_path / name)
+
+
+def test_a_box_read_equals_the_slice_of_the_whole(tmp_path):
+    rng = np.random.default_rng(1)
+    exp = Exposure(image=rng.normal(size=(40, 50)).astype(np.float32),
+                   variance=rng.uniform(1, 2, (40, 50)).astype(np.float32),
+                   mask=rng.integers(0, 8, (40, 50)).astype(masks.MASK_DTYPE), wcs=_wcs(),
+                   psf=PsfModel.gaussian(3.0, 11, width=50, height=40), meta={"BUNIT": "nJy"})
+    extra = fits.ImageHDU(rng.normal(size=(40, 50)).astype(np.float32), name="WEIGHTSUM")
+    write_exposure(tmp_path / "e.fits", exp, extra_hdus=[extra])
+    box = (slice(7, 31), slice(12, 45))
+    part = read_exposure(tmp_path / "e.fits", box=box)
+    whole = read_exposure(tmp_path / "e.fits")
+    for name in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[box])
+        assert getattr(part, name).flags.owndata  # a copy, not a view of the file's map
+    # pixel (0, 0) of the part is pixel (12, 7) of the whole, on the sky too
+    np.testing.assert_allclose(part.wcs.pixel_to_world_values(0, 0),
+                               whole.wcs.pixel_to_world_values(12, 7), rtol=0, atol=1e-12)
+    assert part.psf.width == 33 and part.psf.height == 24
+    np.testing.assert_array_equal(read_extension(tmp_path / "e.fits", "WEIGHTSUM", box=box),
+                                  extra.data[box])
+    data, _ = read_optional_extension(tmp_path / "e.fits", "WEIGHTSUM", box=box)
+    np.testing.assert_array_equal(data, extra.data[box])
+    assert read_optional_extension(tmp_path / "e.fits", "CLIPCEN", box=box) is None
+
+
+def test_a_warp_read_into_a_patch_box_keeps_its_offset(tmp_path):
+    rng = np.random.default_rng(2)
+    stored = Exposure(image=rng.normal(size=(10, 12)).astype(np.float32),
+                      variance=np.ones((10, 12), np.float32),
+                      mask=np.zeros((10, 12), masks.MASK_DTYPE), wcs=None, psf=None,
+                      meta={"XOFFSET": 20, "YOFFSET": 5})
+    write_exposure(tmp_path / "w.fits", stored)
+    whole = read_warp(tmp_path / "w.fits", (30, 40))
+    assert whole.shape == (30, 40)
+    np.testing.assert_array_equal(whole.image[5:15, 20:32], stored.image)
+    assert np.isnan(whole.image[:5]).all() and (whole.mask[:5] == masks.bit("NO_DATA")).all()
+    for box in [(slice(0, 30), slice(0, 40)), (slice(8, 22), slice(25, 40)),
+                (slice(0, 4), slice(0, 10))]:  # the last misses the stored box entirely
+        part = read_warp(tmp_path / "w.fits", (30, 40), box=box)
+        for name in ("image", "variance", "mask"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[box])
+    with pytest.raises(InputError, match="nowarp.fits"):
+        read_warp(tmp_path / "nowarp.fits", (30, 40))

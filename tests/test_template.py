@@ -105,3 +105,53 @@ def test_own_weight_share_rebuilds_the_coadd_from_the_rest():
     assert np.all(a[:8] == 0)
     np.testing.assert_allclose(a[8:], w[0] / w.sum(), rtol=1e-6)
     np.testing.assert_allclose(a * images[0] + (1 - a) * loo.image, full.image, rtol=1e-5)
+
+
+def _tan(crval, crpix, scale_arcsec, rot_deg=0.0):
+    from astropy.wcs import WCS
+    t = np.radians(rot_deg)
+    s = scale_arcsec / 3600.0
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval, w.wcs.crpix = crval, crpix
+    w.wcs.cd = s * np.array([[-np.cos(t), np.sin(t)], [np.sin(t), np.cos(t)]])
+    return w
+
+
+def test_a_template_from_the_needed_box_equals_one_from_the_whole_patch():
+    """The diff job reads only ``template_box`` of each patch; the template must not change."""
+    from diffim.psf import PsfModel
+    from diffim.template import TEMPLATE_MARGIN, stitch_template, template_box
+    from diffim.warp import footprint_bbox
+    rng = np.random.default_rng(5)
+    shape = (300, 320)
+    patch_wcs = _tan([150.0, 2.0], [160.5, 150.5], 0.2)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    image = (np.sin(xx / 7.0) * np.cos(yy / 5.0) + rng.normal(0, 0.1, shape)).astype(np.float32)
+    image[:12, :] = np.nan  # a patch edge without data inside the box
+    mask = np.where(np.isfinite(image), 0, masks.bit("NO_DATA")).astype(masks.MASK_DTYPE)
+    patch = Exposure(image=image, variance=np.full(shape, 0.01, np.float32), mask=mask,
+                     wcs=patch_wcs, psf=PsfModel.gaussian(3.0, 15, width=shape[1], height=shape[0]),
+                     meta={})
+    # a rotated visit at a slightly different scale, off one corner of the patch
+    visit_shape = (110, 130)
+    visit_wcs = _tan([150.0 - 100 * 0.2 / 3600, 2.0 - 120 * 0.2 / 3600], [65.0, 55.0], 0.21, 27.0)
+    box = template_box(visit_wcs, visit_shape, patch_wcs, shape)
+    sl_y, sl_x = box
+    assert 0 < (sl_y.stop - sl_y.start) * (sl_x.stop - sl_x.start) < 0.5 * image.size
+    psf = PsfModel.gaussian(3.0, 15, width=visit_shape[1], height=visit_shape[0])
+    whole = stitch_template([patch], visit_wcs, visit_shape, psf)
+    part = stitch_template([patch.cropped(sl_x.start, sl_y.start, sl_x.stop, sl_y.stop)],
+                           visit_wcs, visit_shape, psf)
+    covered = np.isfinite(whole.image)
+    assert covered.sum() > 0.3 * covered.size and (~covered).sum() > 0
+    np.testing.assert_array_equal(np.isfinite(part.image), covered)
+    np.testing.assert_array_equal(part.mask, whole.mask)
+    np.testing.assert_allclose(part.image[covered], whole.image[covered], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(part.variance[covered], whole.variance[covered], rtol=1e-6)
+    # without the margin the crop cuts into the resampling's taps at the visit's edge
+    assert TEMPLATE_MARGIN >= 3 * 3 + 4
+    ty, tx = footprint_bbox(visit_wcs, visit_shape, patch_wcs, shape, margin=0)
+    cut = stitch_template([patch.cropped(tx.start, ty.start, tx.stop, ty.stop)],
+                          visit_wcs, visit_shape, psf)
+    assert np.isfinite(cut.image).sum() < covered.sum()

@@ -349,11 +349,27 @@ def _fits_value(value):
     return value
 
 
-def read_exposure(path, *, memmap: bool = False) -> Exposure:
-    """Read an exposure written by :func:`write_exposure`."""
+def read_exposure(path, *, memmap: bool = False, box=None) -> Exposure:
+    """Read an exposure written by :func:`write_exposure`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    memmap : bool
+        Return planes that map the file instead of copies (ignored with ``box``).
+    box : (slice, slice), optional
+        ``(slice_y, slice_x)`` of the stored pixels to read: only that part is
+        read (through a memory map) and copied; the WCS and PSF are shifted to
+        it, so pixel ``(0, 0)`` of the result is the box's first pixel.
+    """
     try:
-        with fits.open(path, memmap=memmap) as hdul:
-            return _exposure_from_hdul(hdul, memmap=memmap)
+        with fits.open(path, memmap=memmap or box is not None) as hdul:
+            if box is None:
+                return _exposure_from_hdul(hdul, memmap=memmap)
+            sl_y, sl_x = box
+            whole = _exposure_from_hdul(hdul, memmap=True)
+            return whole.cropped(sl_x.start, sl_y.start, sl_x.stop, sl_y.stop).copy()
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: not a diffim exposure file ({first_line(exc)})") from None
 
@@ -370,22 +386,30 @@ def _exposure_from_hdul(hdul, *, memmap) -> Exposure:
                     wcs=wcs, psf=psf, meta=meta)
 
 
-def read_extension(path, name: str) -> np.ndarray:
-    """The data of one named image extension (e.g. a difference image's ``TEMPLATE``)."""
+def read_extension(path, name: str, *, box=None) -> np.ndarray:
+    """The data of one named image extension (e.g. a difference image's ``TEMPLATE``).
+
+    ``box`` (``(slice_y, slice_x)``, optional) reads only that part.
+    """
     try:
-        with fits.open(path) as hdul:
-            return np.array(hdul[name].data)
+        with fits.open(path, memmap=box is not None) as hdul:
+            return np.array(hdul[name].data if box is None else hdul[name].section[box])
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: no readable {name} extension ({first_line(exc)})") from None
 
 
-def read_optional_extension(path, name: str) -> tuple[np.ndarray, fits.Header] | None:
-    """Data and header of a named image extension, or None when the file has none."""
+def read_optional_extension(path, name: str, *,
+                            box=None) -> tuple[np.ndarray, fits.Header] | None:
+    """Data and header of a named image extension, or None when the file has none.
+
+    ``box`` (``(slice_y, slice_x)``, optional) reads only that part.
+    """
     try:
-        with fits.open(path) as hdul:
+        with fits.open(path, memmap=box is not None) as hdul:
             if name not in hdul:
                 return None
-            return np.array(hdul[name].data), hdul[name].header.copy()
+            data = hdul[name].data if box is None else hdul[name].section[box]
+            return np.array(data), hdul[name].header.copy()
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read its {name} extension ({first_line(exc)})") from None
 
@@ -396,23 +420,39 @@ def read_header(path, ext=0) -> fits.Header:
         return hdul[ext].header.copy()
 
 
-def read_warp(path, patch_shape) -> Exposure:
-    """A warp expanded to the full patch grid (NaN / NO_DATA outside its box).
+def read_warp(path, patch_shape, *, box=None) -> Exposure:
+    """A warp expanded to the full patch grid, or to a box of it (NaN / NO_DATA outside its own box).
 
     Warps are stored cropped to the box they cover; ``XOFFSET``/``YOFFSET``
     in the primary header give the patch pixel of the stored array's (0, 0).
+    ``box`` (``(slice_y, slice_x)`` of patch pixels) returns only that part of
+    the patch, read through a memory map; pixel ``(0, 0)`` of the result is
+    the box's first pixel.
     """
-    warp = read_exposure(path)
-    x0, y0 = int(warp.meta.get("XOFFSET", 0)), int(warp.meta.get("YOFFSET", 0))
     ny, nx = patch_shape
-    image = np.full((ny, nx), np.nan, np.float32)
-    variance = np.full((ny, nx), np.nan, np.float32)
-    mask = np.full((ny, nx), masks.bit("NO_DATA"), masks.MASK_DTYPE)
-    h, w = warp.shape
-    sl = (slice(y0, y0 + h), slice(x0, x0 + w))
-    image[sl], variance[sl], mask[sl] = warp.image, warp.variance, warp.mask
-    return Exposure(image=image, variance=variance, mask=mask, wcs=None, psf=warp.psf,
-                    meta={**warp.meta, "XOFFSET": 0, "YOFFSET": 0})
+    sl_y, sl_x = box if box is not None else (slice(0, ny), slice(0, nx))
+    y0, x0 = sl_y.start, sl_x.start
+    shape = (sl_y.stop - y0, sl_x.stop - x0)
+    image = np.full(shape, np.nan, np.float32)
+    variance = np.full(shape, np.nan, np.float32)
+    mask = np.full(shape, masks.bit("NO_DATA"), masks.MASK_DTYPE)
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            warp = _exposure_from_hdul(hdul, memmap=True)
+            wx, wy = int(warp.meta.get("XOFFSET", 0)), int(warp.meta.get("YOFFSET", 0))
+            h, w = warp.shape
+            ly, hy = max(y0, wy), min(sl_y.stop, wy + h)
+            lx, hx = max(x0, wx), min(sl_x.stop, wx + w)
+            if ly < hy and lx < hx:
+                src = (slice(ly - wy, hy - wy), slice(lx - wx, hx - wx))
+                dst = (slice(ly - y0, hy - y0), slice(lx - x0, hx - x0))
+                image[dst], variance[dst] = warp.image[src], warp.variance[src]
+                mask[dst] = warp.mask[src]
+            psf, meta = warp.psf, warp.meta
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not a diffim warp file ({first_line(exc)})") from None
+    return Exposure(image=image, variance=variance, mask=mask, wcs=None, psf=psf,
+                    meta={**meta, "XOFFSET": 0, "YOFFSET": 0})
 
 
 class WarpRowReader:

@@ -54,7 +54,7 @@ from . import masks
 from .coadd import DEFAULT_BAD_MASK_BITS
 from .exposure import Exposure
 from .psf import PsfModel
-from .warp import warp_exposure
+from .warp import footprint_bbox, warp_exposure
 
 
 def remove_own_contribution(coadd: Exposure, weight_sum: np.ndarray, own_warp: Exposure,
@@ -141,6 +141,39 @@ def own_weight_share(coadd: Exposure, weight_sum: np.ndarray, own_warp: Exposure
     share = np.zeros(coadd.shape, np.float32)
     share[usable] = np.minimum(weight / weight_sum[usable], 1.0)
     return share
+
+
+#: Patch pixels read around a visit's footprint: the resampling's taps and
+#: the growth of the crop's no-data rim (``3 order + 4`` = 13 px for
+#: Lanczos-3, :func:`diffim.warp.source_region`) plus room for the
+#: registration's correction of the visit's WCS (sub-pixel in practice).
+TEMPLATE_MARGIN = 32
+
+
+def template_box(visit_wcs, visit_shape, patch_wcs, patch_shape) -> tuple[slice, slice] | None:
+    """The part of a coadd patch that a visit's template needs.
+
+    Parameters
+    ----------
+    visit_wcs : astropy.wcs.WCS
+        The visit's fitted WCS.
+    visit_shape : (int, int)
+        The visit's ``(ny, nx)``.
+    patch_wcs : astropy.wcs.WCS
+        The patch's WCS.
+    patch_shape : (int, int)
+        The patch's ``(ny, nx)``.
+
+    Returns
+    -------
+    (slice, slice) or None
+        ``(slice_y, slice_x)`` of patch pixels: the visit's footprint grown by
+        :data:`TEMPLATE_MARGIN` and clipped to the patch; None when they do not
+        overlap.  A 4k visit needs about a quarter of each of the four 4200 x
+        4200 patches it straddles, so the diff job reads that much.
+    """
+    return footprint_bbox(visit_wcs, visit_shape, patch_wcs, patch_shape,
+                          margin=TEMPLATE_MARGIN)
 
 
 def template_psf(model_fwhm_arcsec: float, pixel_scale_arcsec: float, kernel_size: int,
