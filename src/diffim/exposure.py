@@ -67,10 +67,19 @@ class Exposure:
             raise ValueError(f"crop box x {x0}:{x1}, y {y0}:{y1} is not inside the "
                              f"{nx} x {ny} exposure")
         sl = (slice(y0, y1), slice(x0, x1))
-        return replace(self, image=self.image[sl], variance=self.variance[sl],
-                       mask=self.mask[sl], meta=dict(self.meta),
-                       wcs=None if self.wcs is None else self.wcs[sl],
-                       psf=None if self.psf is None else self.psf.cropped(x0, y0, x1 - x0, y1 - y0))
+        part = replace(self, image=self.image[sl], variance=self.variance[sl],
+                       mask=self.mask[sl], meta=dict(self.meta))
+        return part.with_geometry_of(self.wcs, self.psf, x0, y0)
+
+    def with_geometry_of(self, wcs, psf, x0: int, y0: int) -> "Exposure":
+        """This exposure as the part at ``(x0, y0)`` of one with ``wcs`` and ``psf``.
+
+        The WCS and PSF (either may be None) are shifted so that this
+        exposure's pixel ``(0, 0)`` is their pixel ``(x0, y0)``.
+        """
+        ny, nx = self.shape
+        return replace(self, wcs=None if wcs is None else wcs[y0:y0 + ny, x0:x0 + nx],
+                       psf=None if psf is None else psf.cropped(x0, y0, nx, ny))
 
     def copy(self, **changes) -> "Exposure":
         """A copy with array planes copied and the given attributes replaced."""

@@ -357,33 +357,47 @@ def read_exposure(path, *, memmap: bool = False, box=None) -> Exposure:
     path : str or Path
         The file.
     memmap : bool
-        Return planes that map the file instead of copies (ignored with ``box``).
+        Open the file memory-mapped (the planes are still converted to native
+        byte order, i.e. copied).
     box : (slice, slice), optional
-        ``(slice_y, slice_x)`` of the stored pixels to read: only that part is
-        read (through a memory map) and copied; the WCS and PSF are shifted to
-        it, so pixel ``(0, 0)`` of the result is the box's first pixel.
+        ``(slice_y, slice_x)`` of the stored pixels to read, inside the
+        image: only that part is read; the WCS and PSF are shifted to it, so
+        pixel ``(0, 0)`` of the result is the box's first pixel.
     """
     try:
         with fits.open(path, memmap=memmap or box is not None) as hdul:
-            if box is None:
-                return _exposure_from_hdul(hdul, memmap=memmap)
-            sl_y, sl_x = box
-            whole = _exposure_from_hdul(hdul, memmap=True)
-            return whole.cropped(sl_x.start, sl_y.start, sl_x.stop, sl_y.stop).copy()
+            return _exposure_from_hdul(hdul, memmap=memmap, box=box)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: not a diffim exposure file ({first_line(exc)})") from None
 
 
-def _exposure_from_hdul(hdul, *, memmap) -> Exposure:
-    meta = {k: v for k, v in hdul[0].header.items()
+def _meta(header) -> dict:
+    """An exposure's metadata: its primary header without the structural cards."""
+    return {k: v for k, v in header.items()
             if k not in ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "")}
+
+
+def _exposure_from_hdul(hdul, *, memmap, box=None) -> Exposure:
+    meta = _meta(hdul[0].header)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         wcs = WCS(hdul["IMAGE"].header, naxis=2, relax=True) if "CTYPE1" in hdul["IMAGE"].header else None
     psf = psf_from_hdu(hdul["PSF"]) if "PSF" in hdul else None
-    get = (lambda n: hdul[n].data) if memmap else (lambda n: np.array(hdul[n].data))
-    return Exposure(image=get("IMAGE"), variance=get("VARIANCE"), mask=get("MASK"),
-                    wcs=wcs, psf=psf, meta=meta)
+    if box is None:
+        get = (lambda n: hdul[n].data) if memmap else (lambda n: np.array(hdul[n].data))
+        return Exposure(image=get("IMAGE"), variance=get("VARIANCE"), mask=get("MASK"),
+                        wcs=wcs, psf=psf, meta=meta)
+    sl_y, sl_x = box
+    ny, nx = hdul["IMAGE"].shape
+    if not (0 <= sl_x.start < sl_x.stop <= nx and 0 <= sl_y.start < sl_y.stop <= ny):
+        raise ValueError(f"box x {sl_x.start}:{sl_x.stop}, y {sl_y.start}:{sl_y.stop} is not "
+                         f"inside the {nx} x {ny} image")
+    # slices of the memory map: ``section`` reads a box row by row, 5-8x slower
+    # (2300 x 2400 of a 4200 x 4200 plane: 0.033 s against 0.004-0.007 s)
+    part = Exposure(image=np.array(hdul["IMAGE"].data[box]),
+                    variance=np.array(hdul["VARIANCE"].data[box]),
+                    mask=np.array(hdul["MASK"].data[box]), meta=meta)
+    return part.with_geometry_of(wcs, psf, sl_x.start, sl_y.start)
 
 
 def read_extension(path, name: str, *, box=None) -> np.ndarray:
@@ -393,7 +407,7 @@ def read_extension(path, name: str, *, box=None) -> np.ndarray:
     """
     try:
         with fits.open(path, memmap=box is not None) as hdul:
-            return np.array(hdul[name].data if box is None else hdul[name].section[box])
+            return np.array(hdul[name].data if box is None else hdul[name].data[box])
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: no readable {name} extension ({first_line(exc)})") from None
 
@@ -408,7 +422,7 @@ def read_optional_extension(path, name: str, *,
         with fits.open(path, memmap=box is not None) as hdul:
             if name not in hdul:
                 return None
-            data = hdul[name].data if box is None else hdul[name].section[box]
+            data = hdul[name].data if box is None else hdul[name].data[box]
             return np.array(data), hdul[name].header.copy()
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read its {name} extension ({first_line(exc)})") from None
@@ -438,17 +452,18 @@ def read_warp(path, patch_shape, *, box=None) -> Exposure:
     mask = np.full(shape, masks.bit("NO_DATA"), masks.MASK_DTYPE)
     try:
         with fits.open(path, memmap=True) as hdul:
-            warp = _exposure_from_hdul(hdul, memmap=True)
-            wx, wy = int(warp.meta.get("XOFFSET", 0)), int(warp.meta.get("YOFFSET", 0))
-            h, w = warp.shape
+            header = hdul[0].header
+            wx, wy = int(header.get("XOFFSET", 0)), int(header.get("YOFFSET", 0))
+            h, w = hdul["IMAGE"].shape
             ly, hy = max(y0, wy), min(sl_y.stop, wy + h)
             lx, hx = max(x0, wx), min(sl_x.stop, wx + w)
             if ly < hy and lx < hx:
                 src = (slice(ly - wy, hy - wy), slice(lx - wx, hx - wx))
+                stored = _exposure_from_hdul(hdul, memmap=False, box=src)
                 dst = (slice(ly - y0, hy - y0), slice(lx - x0, hx - x0))
-                image[dst], variance[dst] = warp.image[src], warp.variance[src]
-                mask[dst] = warp.mask[src]
-            psf, meta = warp.psf, warp.meta
+                image[dst], variance[dst], mask[dst] = stored.image, stored.variance, stored.mask
+            psf = psf_from_hdu(hdul["PSF"]) if "PSF" in hdul else None
+            meta = _meta(header)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: not a diffim warp file ({first_line(exc)})") from None
     return Exposure(image=image, variance=variance, mask=mask, wcs=None, psf=psf,

@@ -194,10 +194,17 @@ def stitch_template(patches: list[Exposure], visit_wcs, visit_shape, psf: PsfMod
     variance = np.full((ny, nx), np.nan, np.float32)
     mask = np.full((ny, nx), masks.bits("NO_DATA", "NO_TEMPLATE"), masks.MASK_DTYPE)
     for patch in patches:
-        warped = warp_exposure(patch, visit_wcs, visit_shape, smooth_noise=True)
-        take = (mask & masks.bit("NO_TEMPLATE")).astype(bool) & np.isfinite(warped.image)
-        image[take] = warped.image[take]
-        variance[take] = warped.variance[take]
-        mask[take] = warped.mask[take]
+        # each patch is resampled only onto the part of the visit it covers
+        box = footprint_bbox(patch.wcs, patch.shape, visit_wcs, visit_shape)
+        if box is None:
+            continue
+        sl_y, sl_x = box
+        warped = warp_exposure(patch, visit_wcs[box], (sl_y.stop - sl_y.start,
+                                                       sl_x.stop - sl_x.start), smooth_noise=True)
+        img, var, msk = image[box], variance[box], mask[box]  # views
+        take = (msk & masks.bit("NO_TEMPLATE")).astype(bool) & np.isfinite(warped.image)
+        img[take] = warped.image[take]
+        var[take] = warped.variance[take]
+        msk[take] = warped.mask[take]
     meta = {"BUNIT": "nJy", "NPATCHES": len(patches)}
     return Exposure(image=image, variance=variance, mask=mask, wcs=visit_wcs, psf=psf, meta=meta)
