@@ -435,7 +435,7 @@ def read_header(path, ext=0) -> fits.Header:
 
 
 def read_warp(path, patch_shape, *, box=None) -> Exposure:
-    """A warp expanded to the full patch grid, or to a box of it (NaN / NO_DATA outside its own box).
+    """A warp expanded to the full patch grid, or to a box of it (NaN / NO_DATA outside the warp).
 
     Warps are stored cropped to the box they cover; ``XOFFSET``/``YOFFSET``
     in the primary header give the patch pixel of the stored array's (0, 0).
