@@ -295,7 +295,10 @@ def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: 
     3 px), and its autocorrelation is estimated with the masked estimator
     ``sum z(x) z(x+l) / sum M(x) M(x+l)`` (FFT, zero padded), summed over up
     to ``max_tiles`` tiles of ``tile`` pixels spread over the image (~0.1 s
-    whatever the image size).  On the synthetic convolve-science scene it
+    whatever the image size), each at least 10 % usable.  When none of them
+    is (a template covering a corner of the visit), every tile of a tiling of
+    the whole image with at least :data:`MIN_CORR_TILE_PIXELS` usable pixels
+    is summed instead.  On the synthetic convolve-science scene it
     matches the analytic correlation of the difference to 0.01.  The result is
     tapered (cosine over the outer third of ``radius``) so that its Fourier
     transform, the noise power spectrum, is smooth.
@@ -315,17 +318,13 @@ def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: 
     ys = np.unique(np.linspace(0, ny - ty, min(nt, max(1, ny // ty))).astype(int))
     xs = np.unique(np.linspace(0, nx - tx, min(nt, max(1, nx // tx))).astype(int))
     n = (sp_fft.next_fast_len(ty + radius, real=True), sp_fft.next_fast_len(tx + radius, real=True))
-    num = np.zeros(n)
-    den = np.zeros(n)
-    with sp_fft.set_workers(2):
-        for y0 in ys:
-            for x0 in xs:
-                zz, mm = _normalised_noise(diff, bad, y0, x0, ty, tx, clip)
-                if mm.sum() < 0.1 * mm.size:
-                    continue
-                zz = np.where(mm > 0, zz - zz[mm > 0].mean(), 0.0)
-                num += sp_fft.irfft2(np.abs(sp_fft.rfft2(zz, s=n)) ** 2, s=n)
-                den += sp_fft.irfft2(np.abs(sp_fft.rfft2(mm, s=n)) ** 2, s=n)
+    num, den = _masked_autocorrelation(diff, bad, [(y, x) for y in ys for x in xs], (ty, tx), n,
+                                       clip, min_usable=0.1 * ty * tx)
+    if not den[0, 0] > 0:  # no spread tile is usable enough: every tile with some noise
+        ys = np.unique(np.minimum(np.arange(0, ny, ty), ny - ty))
+        xs = np.unique(np.minimum(np.arange(0, nx, tx), nx - tx))
+        num, den = _masked_autocorrelation(diff, bad, [(y, x) for y in ys for x in xs], (ty, tx),
+                                           n, clip, min_usable=MIN_CORR_TILE_PIXELS)
     if not den[0, 0] > 0 or not num[0, 0] > 0.05 * den[0, 0]:
         return rho   # (almost) no noise where the variance plane predicts some
     lags = np.arange(-radius, radius + 1)
@@ -335,6 +334,30 @@ def noise_correlation(diff: Exposure, *, radius: int = NOISE_CORR_RADIUS, clip: 
     a = np.abs(lags) / max(radius, 1)
     w1 = np.where(a <= 2 / 3, 1.0, 0.5 + 0.5 * np.cos(np.pi * (a - 2 / 3) * 3))
     return acf * np.outer(w1, w1)
+
+
+#: Usable pixels a tile needs for :func:`noise_correlation`'s second pass.
+MIN_CORR_TILE_PIXELS = 1000
+
+
+def _masked_autocorrelation(diff, bad, corners, tile_shape, n, clip, *, min_usable):
+    """Sums ``(num, den)`` of the masked autocorrelation estimator over tiles.
+
+    ``corners`` are the tiles' ``(y0, x0)``; a tile with fewer than
+    ``min_usable`` usable pixels is skipped.  Arrays of shape ``n`` (FFT grid).
+    """
+    ty, tx = tile_shape
+    num = np.zeros(n)
+    den = np.zeros(n)
+    with sp_fft.set_workers(2):
+        for y0, x0 in corners:
+            zz, mm = _normalised_noise(diff, bad, y0, x0, ty, tx, clip)
+            if mm.sum() < min_usable:
+                continue
+            zz = np.where(mm > 0, zz - zz[mm > 0].mean(), 0.0)
+            num += sp_fft.irfft2(np.abs(sp_fft.rfft2(zz, s=n)) ** 2, s=n)
+            den += sp_fft.irfft2(np.abs(sp_fft.rfft2(mm, s=n)) ** 2, s=n)
+    return num, den
 
 
 def _on_grid(kernel: np.ndarray, n: int) -> np.ndarray:
