@@ -188,6 +188,23 @@ def stitch_template(patches: list[Exposure], visit_wcs, visit_shape, psf: PsfMod
 
     Earlier patches win where patches overlap (their overlap borders hold the
     same sky); a pixel no patch covers is NaN with ``NO_DATA | NO_TEMPLATE``.
+
+    Parameters
+    ----------
+    patches : list of Exposure
+        Coadd patches, or the parts of them the visit needs
+        (:func:`template_box`), in nJy, each with its WCS.
+    visit_wcs : astropy.wcs.WCS
+        The visit's WCS (0-based pixels).
+    visit_shape : (int, int)
+        The visit's ``(ny, nx)``.
+    psf : PsfModel
+        The template's PSF in visit pixels (:func:`template_psf`).
+
+    Returns
+    -------
+    Exposure
+        The template on the visit's grid (nJy, variance nJy^2), with ``psf``.
     """
     ny, nx = visit_shape
     image = np.full((ny, nx), np.nan, np.float32)
