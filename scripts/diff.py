@@ -17,10 +17,9 @@ from astropy.io import fits
 
 from diffim.artifacts import unresolved_artifacts
 from diffim.detect import detect_dia_sources, noise_terms, significance_maps
-from diffim.errors import DiffimError, NoOverlapError
-from diffim.io import (atomic_path, read_exposure, read_extension, read_optional_extension,
-                       read_table, read_warp, write_ds9_regions, write_exposure, write_json,
-                       write_table)
+from diffim.errors import DiffimError, InputError, NoOverlapError
+from diffim.io import (atomic_path, read_exposure, read_planes, read_table, read_warp,
+                       write_ds9_regions, write_exposure, write_json, write_table)
 from diffim.psf import kernel_size_for
 from diffim.psfmatch import to_njy
 from diffim.register import header_cards as registration_cards
@@ -49,12 +48,14 @@ def load_patch(coadd_path, inputs_path, own_warp, visit, detector, patch_shape, 
     row = inputs[(inputs["visit"] == visit) & (inputs["detector"] == detector) & inputs["included"]]
     if row.empty:
         return coadd, False, None
-    weight_sum = read_extension(coadd_path, "WEIGHTSUM", box=box).astype(np.float64)
-    clip, centre = {}, read_optional_extension(coadd_path, "CLIPCEN", box=box)
-    if centre is not None:  # a sigma-clipped coadd: its last clipping centre
-        clip = dict(clip_centre=centre[0].astype(np.float32),
-                    clip_centre_variance=read_extension(coadd_path, "CLIPCVAR",
-                                                        box=box).astype(np.float32),
+    planes = read_planes(coadd_path, ("WEIGHTSUM", "CLIPCEN", "CLIPCVAR"), box=box)
+    if "WEIGHTSUM" not in planes:
+        raise InputError(f"{coadd_path}: no WEIGHTSUM extension")
+    weight_sum = planes["WEIGHTSUM"].astype(np.float64)
+    clip = {}
+    if "CLIPCEN" in planes:  # a sigma-clipped coadd: its last clipping centre
+        clip = dict(clip_centre=planes["CLIPCEN"].astype(np.float32),
+                    clip_centre_variance=planes["CLIPCVAR"].astype(np.float32),
                     clip_sigma=float(coadd.meta["CLIPSIG"]),
                     clip_rel=float(coadd.meta.get("CLIPREL", 0.0)))
     warp = read_warp(own_warp, patch_shape, box=box)

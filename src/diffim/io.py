@@ -400,32 +400,38 @@ def _exposure_from_hdul(hdul, *, memmap, box=None) -> Exposure:
     return part.with_geometry_of(wcs, psf, sl_x.start, sl_y.start)
 
 
-def read_extension(path, name: str, *, box=None) -> np.ndarray:
-    """The data of one named image extension (e.g. a difference image's ``TEMPLATE``).
-
-    ``box`` (``(slice_y, slice_x)``, optional) reads only that part.
-    """
+def read_extension(path, name: str) -> np.ndarray:
+    """The data of one named image extension (e.g. a difference image's ``TEMPLATE``)."""
     try:
-        with fits.open(path, memmap=box is not None) as hdul:
-            return np.array(hdul[name].data if box is None else hdul[name].data[box])
+        with fits.open(path) as hdul:
+            return np.array(hdul[name].data)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: no readable {name} extension ({first_line(exc)})") from None
 
 
-def read_optional_extension(path, name: str, *,
-                            box=None) -> tuple[np.ndarray, fits.Header] | None:
-    """Data and header of a named image extension, or None when the file has none.
-
-    ``box`` (``(slice_y, slice_x)``, optional) reads only that part.
-    """
+def read_optional_extension(path, name: str) -> tuple[np.ndarray, fits.Header] | None:
+    """Data and header of a named image extension, or None when the file has none."""
     try:
-        with fits.open(path, memmap=box is not None) as hdul:
+        with fits.open(path) as hdul:
             if name not in hdul:
                 return None
-            data = hdul[name].data if box is None else hdul[name].data[box]
-            return np.array(data), hdul[name].header.copy()
+            return np.array(hdul[name].data), hdul[name].header.copy()
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read its {name} extension ({first_line(exc)})") from None
+
+
+def read_planes(path, names, *, box) -> dict[str, np.ndarray]:
+    """The part ``box`` (``(slice_y, slice_x)``) of named image extensions, in one open.
+
+    Returns ``{name: array}`` for the names the file has (a missing one is
+    left out); each array is a copy of the memory map's slice.
+    """
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            return {n: np.array(hdul[n].data[box]) for n in names if n in hdul}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read its {', '.join(names)} planes "
+                         f"({first_line(exc)})") from None
 
 
 def read_header(path, ext=0) -> fits.Header:
