@@ -18,13 +18,26 @@ from diffim.skymap import make_skymap
 FOOTPRINT_MARGIN_ARCSEC = 2.0
 
 
+#: Columns of ``overlaps.parquet`` (also written when it has no rows).
+OVERLAP_COLUMNS = {"visit": "int64", "detector": "int64", "band": "str", "patch": "str",
+                   "included": "bool", "reason": "str", "fwhm_px": "float64",
+                   "model_fwhm_arcsec": "float64", "max_fwhm_arcsec": "float64"}
+
+
 def load_ok_qa(files) -> pd.DataFrame:
     rows = [read_json(f) for f in files]
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        raise RuntimeError("no exposure was calibrated successfully; see "
-                           "visit_status / the calexp logs for each file's reason")
-    return pd.DataFrame(ok)
+    return pd.DataFrame([r for r in rows if r["status"] == "ok"])
+
+
+def write_empty(out, logger) -> None:
+    """No exposure was calibrated: no sky map, no patches, and so no warps, coadds or
+    differences; the merged tables still list every file with its reason."""
+    logger.error("no exposure was calibrated successfully: no sky map, coadds or difference "
+                 "images; visit_status.parquet gives each file's reason")
+    write_table(out.overlaps, pd.DataFrame({c: pd.Series(dtype=t)
+                                            for c, t in OVERLAP_COLUMNS.items()}))
+    with atomic_path(out.skymap) as tmp:
+        tmp.write_text('{"patches": null, "reason": "no exposure was calibrated"}\n')
 
 
 def model_fwhms(qa: pd.DataFrame, coadd_cfg: dict) -> dict:
@@ -66,6 +79,9 @@ def overlap_rows(qa, skymap, fwhms, coadd_cfg) -> pd.DataFrame:
 def main(qa_files, out, skymap_cfg, coadd_cfg, log=None):
     logger = setup_logging(log)
     qa = load_ok_qa(qa_files)
+    if qa.empty:
+        write_empty(out, logger)
+        return
     scale = skymap_cfg["pixel_scale"] or float(np.median(qa["pixel_scale"]))
     skymap = make_skymap(list(zip(qa["footprint_ra"], qa["footprint_dec"])),
                          pixel_scale_arcsec=scale, patch_inner=skymap_cfg["patch_inner"],

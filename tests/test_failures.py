@@ -101,3 +101,32 @@ def test_file_names_are_data_not_shell(bad_input_run):
     assert not list(root.rglob("INJECTED"))
     row = status[status["visit"] == 110]
     assert row["status"].iloc[0] == "ok"
+
+
+def test_a_dataset_where_no_file_calibrates_still_gets_its_tables(tmp_path):
+    """Every file fails (sky only, no stars; all NaN): no sky map, coadd or difference can
+    be made, but the workflow ends normally with the contract's tables, every file a
+    ``failed`` row with its reason and an empty DIASource table with its schema.  (Before,
+    the sky map rule stopped the workflow and no table was written.)"""
+    sim = simulate_dataset(tmp_path / "sim", {**TINY_SIMULATION, "n_visits": 1})
+    src = sim["images"][0]
+    with fits.open(src) as hdul:
+        shape = hdul[0].data.shape
+    images = tmp_path / "bad"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for visit in (201, 202):
+        _copy_with(src, images / f"eimage_v{visit}_cloudy.fits", update={"VISIT": visit},
+                   data=rng.normal(1000.0, 32.0, shape).astype(np.float32))
+    _copy_with(src, images / "eimage_v203_nan.fits", update={"VISIT": 203},
+               data=np.full(shape, np.nan, np.float32))
+    config = {"outdir": "out", "images": str(images / "*.fits"), "refcat": str(sim["refcat"])}
+    run_snakemake(tmp_path, config=config)
+    out = tmp_path / "out"
+    status = pd.read_parquet(out / "visit_status.parquet")
+    assert sorted(status["visit"]) == [201, 202, 203]
+    assert (status["status"] == "failed").all() and status["reason"].str.len().gt(0).all()
+    dia = pd.read_parquet(out / "dia_sources.parquet")
+    assert len(dia) == 0 and {"diaSourceId", "psfFlux", "isDipole"} <= set(dia.columns)
+    assert len(pd.read_parquet(out / "coadd_inputs.parquet")) == 0
+    assert "no exposure was calibrated" in (out / "logs" / "skymap.log").read_text()
