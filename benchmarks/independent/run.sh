@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Independent-simulator benchmark: simulate a dataset with benchmarks/independent/simulate.py
 # (written without diffim's simulator), run the diffim workflow on it, score it.
-#   bash benchmarks/independent/run.sh [--preset small|wide|lsst] [--seed N] [--work DIR] [--cores N]
+#   bash benchmarks/independent/run.sh [--preset small|wide|lsst|<a variant: see simulate.py>] [--seed N] [--work DIR] [--cores N]
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"

@@ -112,6 +112,26 @@ PRESETS = {
     ),
 }
 
+# Variants of 'small' (and one of 'wide') that change one condition each, to see
+# how the pipeline copes with data these presets do not make (thirty-second
+# session).  The names seed the random numbers: renaming one changes its data.
+_SMALL = PRESETS["small"]
+PRESETS.update({
+    "few": dict(_SMALL, n_visits=3, first_visit=515000),              # 3 visits
+    "two": dict(_SMALL, n_visits=2, first_visit=520000),              # 2 visits
+    "badseeing": dict(_SMALL, seeing=(1.6, 2.6), first_visit=516000),  # FWHM 6-10 px
+    "under": dict(_SMALL, pixel_scale=0.45, seeing=(0.6, 1.0), nx=800, ny=832,  # FWHM 1.3-2.2 px
+                  detectors={5: (-830.0, -415.5), 6: (30.0, -415.5)}, first_visit=517000),
+    "sparse": dict(_SMALL, star_density=3000.0, gal_density=3000.0,   # ~16 stars per CCD
+                   first_visit=518000),
+    "crowded": dict(_SMALL, star_density=200000.0, first_visit=519000),
+    "distort": dict(_SMALL, distortion_px=15.0, first_visit=521000),  # 15 px at the corner
+    "bigdither": dict(_SMALL, dither=300.0, n_visits=10,              # beyond the contract's
+                      first_visit=522000),                           # quarter-field dithers
+    "rect": dict(PRESETS["wide"], nx=1024, ny=3072, detectors={22: (-511.5, -1535.5)},
+                 first_visit=523000),                                # a 1024 x 3072 CCD
+})
+
 
 # ----------------------------------------------------------------------------
 # spherical geometry (gnomonic projection), written out by hand

@@ -265,9 +265,19 @@ def measure_fluxes(image_bkgsub: np.ndarray, variance: np.ndarray, x, y, *,
     return flux, err, flag.astype(np.int64)
 
 
-def _stamp_is_clean(bad: np.ndarray, x, y, half: int) -> np.ndarray:
-    """True where the (2 half + 1)^2 stamp around (x, y) has no bad pixel and
-    lies inside the image."""
+def stamp_is_clean(bad: np.ndarray, x, y, half: int) -> np.ndarray:
+    """True where the ``(2 half + 1)^2`` stamp around ``(x, y)`` has no bad pixel
+    and lies inside the image.
+
+    Parameters
+    ----------
+    bad : bool ndarray (ny, nx)
+        Pixels that spoil a stamp.
+    x, y : array_like
+        0-based pixel positions (rounded to the nearest pixel centre).
+    half : int
+        Half-size of the stamp, pixels.
+    """
     ny, nx = bad.shape
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     inside = (ix - half >= 0) & (iy - half >= 0) & (ix + half < nx) & (iy + half < ny)
@@ -336,7 +346,8 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
                      *, kernel_size: int, min_snr: float = 50.0,
                      max_stars: int = 200, neighbour_flux_ratio: float = 0.01,
                      saturation: float | None = None, max_peak_fraction: float = 0.8,
-                     size_clip: float = 3.0, crowded: bool = False) -> pd.DataFrame:
+                     size_clip: float = 3.0, crowded: bool = False,
+                     allowed: np.ndarray | None = None) -> pd.DataFrame:
     """Choose isolated, clean, unsaturated, star-like sources for PSF modelling.
 
     Parameters
@@ -369,6 +380,9 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     size_clip : float
         Stars are those whose half-light radius is within ``size_clip`` robust
         sigma of the clipped median (rejects galaxies, blends, cosmic rays).
+    allowed : bool array (len(catalog),), optional
+        Only these sources may be chosen (e.g. the reference-catalog
+        matches); the others still count as neighbours.
 
     Returns
     -------
@@ -382,6 +396,8 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
         return catalog.assign(r50=pd.Series(dtype=float))
     cat = catalog.copy()
     good = (cat["snr"] >= min_snr) & (cat["flux"] > 0) & ((cat["flag"] & SEP_REJECT_FLAGS) == 0)
+    if allowed is not None:
+        good &= np.asarray(allowed, bool)
     bad_bits = masks.bits(*masks.BAD_FOR_FIT)
     good &= (cat["mask_flags"] & bad_bits) == 0
     if saturation is not None:
@@ -391,7 +407,7 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     cat = cat[good.to_numpy()]
     bad = np.zeros(image.shape, bool) if mask is None else masks.any_set(mask, *masks.BAD_FOR_FIT)
     bad |= ~np.isfinite(image)
-    cat = cat[_stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), clean)]
+    cat = cat[stamp_is_clean(bad, cat["x"].to_numpy(), cat["y"].to_numpy(), clean)]
     cat = cat[_inside(cat, image.shape, half + 2)]
     if len(cat) == 0:
         return cat.assign(r50=pd.Series(dtype=float))
