@@ -18,7 +18,7 @@ from diffim.skymap import make_skymap
 FOOTPRINT_MARGIN_ARCSEC = 2.0
 
 
-#: Columns of ``overlaps.parquet`` (also written when it has no rows).
+#: Columns of ``overlaps.parquet`` and their types (for the table without rows).
 OVERLAP_COLUMNS = {"visit": "int64", "detector": "int64", "band": "str", "patch": "str",
                    "included": "bool", "reason": "str", "fwhm_px": "float64",
                    "model_fwhm_arcsec": "float64", "max_fwhm_arcsec": "float64"}
@@ -73,7 +73,7 @@ def overlap_rows(qa, skymap, fwhms, coadd_cfg) -> pd.DataFrame:
                                  patch=patch, included=bool(s.included), reason=s.reason,
                                  fwhm_px=float(q.fwhm_px), model_fwhm_arcsec=model_arcsec,
                                  max_fwhm_arcsec=cut_arcsec))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(OVERLAP_COLUMNS))
 
 
 def main(qa_files, out, skymap_cfg, coadd_cfg, log=None):

@@ -95,6 +95,24 @@ def _tan_wcs(shape, scale_as, crval=(150.0, 2.0)):
     return w
 
 
+#: Header values ``process_exposure`` needs besides the pixels and the WCS.
+_META = {"band": "r", "rdnoise": 5.0, "visit": 1, "detector": 0, "mjd_obs": 60000.0,
+         "exptime": 30.0, "midpoint_mjd": 60000.0002}
+
+
+def _star_field(rng, n, sky, xs, ys, fluxes, fwhms, size):
+    """Poisson image (e-) of Gaussians of the given FWHMs (px) on a flat sky; stars
+    beyond the edge are painted on a margin that is then cut off, so they are cut."""
+    from diffim.psf import gaussian_kernel
+
+    h = size // 2
+    image = np.full((n + 2 * h, n + 2 * h), float(sky))
+    for x, y, f, w in zip(xs, ys, fluxes, fwhms):
+        ix, iy = int(round(x)), int(round(y))
+        image[iy:iy + size, ix:ix + size] += f * gaussian_kernel(w, size, dx=x - ix, dy=y - iy)
+    return rng.poisson(image[h:h + n, h:h + n]).astype(np.float32)
+
+
 def test_stars_cut_by_the_edge_do_not_bend_the_astrometry():
     """Broad seeing (FWHM 9 px), faint stars inside and the three brightest stars 7 px
     from the image edge: the cut pulls their windowed centroids inwards by ~1 px, and as
@@ -107,28 +125,19 @@ def test_stars_cut_by_the_edge_do_not_bend_the_astrometry():
     import pandas as pd
 
     from diffim.calexp import CalexpConfig, process_exposure
-    from diffim.psf import gaussian_kernel
 
     rng = np.random.default_rng(11)
-    n, fwhm, size, scale, d = 1024, 9.0, 61, 0.26, 7.0
+    n, fwhm, scale, d = 1024, 9.0, 0.26, 7.0
     truth = _tan_wcs((n, n), scale)
-    h = size // 2
     xs = list(rng.uniform(40, n - 40, 40)) + [300.0, 700.0, d]
     ys = list(rng.uniform(40, n - 40, 40)) + [d, n - 1 - d, 500.0]
     flux = list(10 ** rng.uniform(4.0, 5.0, 40)) + [3e6, 3e6, 3e6]
-    image = np.full((n + 2 * h, n + 2 * h), 800.0)  # painted with a margin, then cut
-    for x, y, f in zip(xs, ys, flux):
-        ix, iy = int(round(x)), int(round(y))
-        image[iy:iy + size, ix:ix + size] += f * gaussian_kernel(fwhm, size, dx=x - ix,
-                                                                 dy=y - iy)
-    image = rng.poisson(image[h:h + n, h:h + n]).astype(np.float32)
+    image = _star_field(rng, n, 800.0, xs, ys, flux, [fwhm] * len(xs), 61)
     ra, dec = truth.all_pix2world(xs, ys, 0)
     refcat = pd.DataFrame({"ra": ra, "dec": dec, "r_mag": 25.0 - 2.5 * np.log10(flux)})
     header = _tan_wcs((n, n), scale, crval=(150.0 + 1.5 / 3600, 2.0 - 1.0 / 3600))
     cfg = replace(CalexpConfig(kernel_size=41), max_astrometry_rms_arcsec=5.0)
-    meta = {"band": "r", "rdnoise": 5.0, "visit": 1, "detector": 0, "mjd_obs": 60000.0,
-            "exptime": 30.0, "midpoint_mjd": 60000.0002}
-    result = process_exposure(image, meta, header, refcat, config=cfg, path="edge")
+    result = process_exposure(image, _META, header, refcat, config=cfg, path="edge")
     src = result.sources
     for x, y in zip(xs[-3:], ys[-3:]):
         assert not src.astrometry_match[np.hypot(src.x - x, src.y - y).idxmin()]
@@ -151,21 +160,14 @@ def test_the_psf_model_is_refitted_on_reference_catalog_stars():
     import pandas as pd
 
     from diffim.calexp import CalexpConfig, characterize, process_exposure
-    from diffim.psf import gaussian_kernel
 
     rng = np.random.default_rng(21)
-    n, fwhm, size, scale = 1024, 4.0, 41, 0.26
+    n, fwhm, scale = 1024, 4.0, 0.26
     truth = _tan_wcs((n, n), scale)
-    h = size // 2
     n_star, n_gal = 12, 36
     xs, ys = rng.uniform(40, n - 40, n_star + n_gal), rng.uniform(40, n - 40, n_star + n_gal)
     flux = 10 ** rng.uniform(4.7, 5.5, n_star + n_gal)
-    image = np.full((n + 2 * h, n + 2 * h), 500.0)
-    for k, (x, y, f) in enumerate(zip(xs, ys, flux)):
-        w = fwhm if k < n_star else 1.4 * fwhm
-        ix, iy = int(round(x)), int(round(y))
-        image[iy:iy + size, ix:ix + size] += f * gaussian_kernel(w, size, dx=x - ix, dy=y - iy)
-    image = rng.poisson(image[h:h + n, h:h + n]).astype(np.float32)
+    image = _star_field(rng, n, 500.0, xs, ys, flux, [fwhm] * n_star + [1.4 * fwhm] * n_gal, 41)
     ra, dec = truth.all_pix2world(xs[:n_star], ys[:n_star], 0)
     zp_true = 25.0
     refcat = pd.DataFrame({"ra": ra, "dec": dec, "r_mag": zp_true - 2.5 * np.log10(flux[:n_star])})
@@ -173,8 +175,6 @@ def test_the_psf_model_is_refitted_on_reference_catalog_stars():
     cfg = replace(CalexpConfig(kernel_size=None), psf_min_stars=5)
     first = characterize(image.copy(), config=cfg, read_noise=5.0, path="galaxies")
     assert first.psf_fit.fwhm_px > 1.1 * fwhm  # the galaxies set the size cut
-    meta = {"band": "r", "rdnoise": 5.0, "visit": 1, "detector": 0, "mjd_obs": 60000.0,
-            "exptime": 30.0, "midpoint_mjd": 60000.0002}
-    result = process_exposure(image, meta, header, refcat, config=cfg, path="galaxies")
+    result = process_exposure(image, _META, header, refcat, config=cfg, path="galaxies")
     assert result.qa["fwhm_px"] == pytest.approx(fwhm, rel=0.03)
     assert abs(result.qa["zeropoint"] - zp_true) < 0.02
