@@ -93,9 +93,7 @@ def main() -> int:
     t_stitch = time.perf_counter() - t5
     del patch
     t1 = time.perf_counter()
-    # the workflow's default (diff.kernel_spatial_order in config/schema.yaml): cross-validation
-    # picks the kernel's spatial order up to 2
-    res = subtract.subtract_images(science, template, kernel_spatial_order=2)
+    res = subtract.subtract_images(science, template)
     t_sub = time.perf_counter() - t1
     t2 = time.perf_counter()
     cat = detect.detect_dia_sources(res.difference)

@@ -232,12 +232,9 @@ def _kernel_for_seeing(config: CalexpConfig, size: int, fwhm: float, path: str) 
     return config
 
 
-def _fit_psf_model(sources, sub, variance, mask, config, saturation, path, allowed=None):
-    """PSF stars for ``config.kernel_size`` and the PSF model fitted to them: ``(stars, fit)``.
-
-    ``allowed``: see :func:`_psf_stars`.
-    """
-    stars = _psf_stars(sources, sub, mask, config, saturation, allowed)
+def _fit_psf_model(sources, sub, variance, mask, config, saturation, path):
+    """PSF stars for ``config.kernel_size`` and the PSF model fitted to them: ``(stars, fit)``."""
+    stars = _psf_stars(sources, sub, mask, config, saturation)
     if len(stars) < config.psf_min_stars:
         raise NoUsableStarsError(
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
@@ -300,13 +297,12 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
                     sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec,
                     position_err=err)
-    psf_fit = _point_source_psf(ch, astro, config, path)
     zp, phot = _calibrate(ch.image, ch.variance, ch.mask, psf_fit.psf, sources, astro, ref, band)
     sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
     exposure = Exposure(image=ch.image, variance=ch.variance, mask=ch.mask, wcs=astro.wcs,
                         psf=psf_fit.psf, meta=_calexp_meta(meta, zp, psf_fit, astro, ch.background,
                                                            ch.saturation, read_noise))
-    qa = _qa(meta, exposure, psf_fit, astro, zp, ch.background, len(sources), len(psf_fit.stars))
+    qa = _qa(meta, exposure, psf_fit, astro, zp, ch.background, len(sources), len(ch.stars))
     return CalexpResult(exposure=exposure, sources=sources, qa=qa)
 
 
@@ -316,62 +312,14 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
 PSF_STAR_TIERS = ((50.0, False), (50.0, True), (25.0, True), (15.0, True))
 
 
-def _psf_stars(sources, sub, mask, config, saturation, allowed=None):
-    """PSF stars of the first tier that gives enough; ``allowed`` (bool per source,
-    optional) limits them to those sources, the size cut included (isolation is still
-    judged against all)."""
+def _psf_stars(sources, sub, mask, config, saturation):
     for min_snr, crowded in PSF_STAR_TIERS:
         stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
                                  saturation=saturation, min_snr=min_snr, crowded=crowded,
-                                 neighbour_flux_ratio=0.05 if crowded else 0.01,
-                                 allowed=allowed)
+                                 neighbour_flux_ratio=0.05 if crowded else 0.01)
         if len(stars) >= 2 * config.psf_min_stars:
             break
     return stars
-
-
-#: Fewest reference-catalog stars for :func:`_point_source_psf` to replace a
-#: PSF model that used sources outside the catalog (``psf.min_stars`` if lower).
-CATALOG_PSF_MIN_STARS = 5
-
-
-def _point_source_psf(ch: Characterization, astro, config: CalexpConfig, path: str):
-    """The PSF model refitted on the stars that are in the reference catalog.
-
-    The catalog holds point sources that do not vary (the data contract), so
-    once the astrometry has matched it, the PSF stars can be limited to its
-    matches: the size cut of :func:`diffim.sources.select_psf_stars` cannot
-    tell stars from compact galaxies where galaxies outnumber the stars, and
-    a transient on a galaxy or a variable star may pass it.  (On an
-    independent simulator's sparse field, 10 of 17 PSF stars of one image
-    were galaxies, half of them hosting a transient; the model came out 6 %
-    broad and the zero point 86 mmag off.)  The first model is kept when it
-    used only catalog stars already, or when fewer than
-    :data:`CATALOG_PSF_MIN_STARS` of them qualify (a shallow or sparse
-    catalog): a constant model from a few stars is better than one from more
-    sources that are not all stars.
-    """
-    first = ch.psf_fit
-    allowed = np.zeros(len(ch.sources), bool)
-    allowed[astro.matches["src_index"].to_numpy()] = True
-    used = ch.sources.index.get_indexer(first.stars.index[first.stars["used"].to_numpy()])
-    if allowed[used].all():
-        return first
-    n_other = int((~allowed[used]).sum())
-    cfg = replace(config, kernel_size=first.psf.kernel_size,
-                  psf_min_stars=min(config.psf_min_stars, CATALOG_PSF_MIN_STARS))
-    try:
-        _, fit = _fit_psf_model(ch.sources, ch.image, ch.variance, ch.mask, cfg,
-                                ch.saturation, path, allowed)
-    except (NoUsableStarsError, PsfFitError) as exc:
-        logger.info("%s: %d of the PSF model's %d stars are not in the reference catalog, "
-                    "and no model on catalog stars alone (%s): the first is kept", path,
-                    n_other, len(used), exc)
-        return first
-    logger.info("%s: PSF refitted on %d reference-catalog stars (the first model had %d of "
-                "%d stars outside the catalog): FWHM %.2f -> %.2f px", path, fit.n_stars,
-                n_other, len(used), first.fwhm_px, fit.fwhm_px)
-    return fit
 
 
 #: Largest fraction of the image that the sources may cover for the second,
@@ -413,7 +361,10 @@ def _first_fwhm(sub, variance, mask, config, path) -> float:
 #: (SAT, CR, BAD) are skipped by the centroid symmetrically enough: leaving out
 #: the stars near them too took the median WCS error against the truth of a
 #: 12-visit set from 5.5 to 7.4 mas (the saturated stars are good anchors).
-CENTROID_CLEAR_FWHM = 1.5
+#: 1.0 FWHM: the window times the PSF has sigma 0.3 FWHM, so a cut beyond 1 FWHM
+#: moves a centroid by little; 1.5 left too few edge stars on 768 x 768 images
+#: with a 14 px PSF (a difference's noise ratio 1.38 -> 1.59).
+CENTROID_CLEAR_FWHM = 1.0
 
 
 def _astrometric_errors(sources, mask, fwhm, snr) -> np.ndarray:

@@ -346,8 +346,7 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
                      *, kernel_size: int, min_snr: float = 50.0,
                      max_stars: int = 200, neighbour_flux_ratio: float = 0.01,
                      saturation: float | None = None, max_peak_fraction: float = 0.8,
-                     size_clip: float = 3.0, crowded: bool = False,
-                     allowed: np.ndarray | None = None) -> pd.DataFrame:
+                     size_clip: float = 3.0, crowded: bool = False) -> pd.DataFrame:
     """Choose isolated, clean, unsaturated, star-like sources for PSF modelling.
 
     Parameters
@@ -380,9 +379,6 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     size_clip : float
         Stars are those whose half-light radius is within ``size_clip`` robust
         sigma of the clipped median (rejects galaxies, blends, cosmic rays).
-    allowed : bool array (len(catalog),), optional
-        Only these sources may be chosen (e.g. the reference-catalog
-        matches); the others still count as neighbours.
 
     Returns
     -------
@@ -396,8 +392,6 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
         return catalog.assign(r50=pd.Series(dtype=float))
     cat = catalog.copy()
     good = (cat["snr"] >= min_snr) & (cat["flux"] > 0) & ((cat["flag"] & SEP_REJECT_FLAGS) == 0)
-    if allowed is not None:
-        good &= np.asarray(allowed, bool)
     bad_bits = masks.bits(*masks.BAD_FOR_FIT)
     good &= (cat["mask_flags"] & bad_bits) == 0
     if saturation is not None:
