@@ -260,12 +260,12 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs, *, shape,
         Largest fractional header scale error searched.
     sip_order : int
         Largest SIP order of the final fit; lowered automatically when there
-        are fewer than ``5 * (order + 1) * (order + 2) / 2`` matches, and to
-        the order (>= 2) whose leave-one-out residuals are smallest
-        (:func:`_fit_clipped`).  ``< 2``
-        fits a pure TAN WCS.  When the matches support only a linear fit and
-        the header WCS has SIP terms, the header's distortion is kept and
-        the linear part refitted on top of it.
+        are fewer than ``_MATCHES_PER_TERM * (order + 1) * (order + 2) / 2``
+        matches, and to the order whose leave-one-out residuals are smallest
+        (:func:`_fit_clipped`).  ``< 2`` fits a pure TAN WCS.  When the
+        header WCS has SIP terms, fits on top of its distortion compete with
+        the plain ones; when the matches support only a linear fit, only the
+        linear part is refitted on top of it.
     min_matches : int
         Fewest matches (and reference stars in the field) accepted.
     clip : float

@@ -357,7 +357,7 @@ def _first_fwhm(sub, variance, mask, config, path) -> float:
 #: centroid whose window is cut moves away from the cut: at 2.3" seeing (9.6 px)
 #: three bright stars 5-7 px from an edge were 1-2.6 px off, yet weighted as the
 #: best matches, and they bent the WCS of an independent-simulator image to 0.31"
-#: RMS (the visit failed; 23 mas without them).  Masked pixels inside the image
+#: RMS (the visit failed; 29 mas without them).  Masked pixels inside the image
 #: (SAT, CR, BAD) are skipped by the centroid symmetrically enough: leaving out
 #: the stars near them too took the median WCS error against the truth of a
 #: 12-visit set from 5.5 to 7.4 mas (the saturated stars are good anchors).
