@@ -346,7 +346,8 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
                      *, kernel_size: int, min_snr: float = 50.0,
                      max_stars: int = 200, neighbour_flux_ratio: float = 0.01,
                      saturation: float | None = None, max_peak_fraction: float = 0.8,
-                     size_clip: float = 3.0, crowded: bool = False) -> pd.DataFrame:
+                     size_clip: float = 3.0, crowded: bool = False,
+                     allowed: np.ndarray | None = None) -> pd.DataFrame:
     """Choose isolated, clean, unsaturated, star-like sources for PSF modelling.
 
     Parameters
@@ -379,6 +380,10 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
     size_clip : float
         Stars are those whose half-light radius is within ``size_clip`` robust
         sigma of the clipped median (rejects galaxies, blends, cosmic rays).
+    allowed : ndarray of bool, optional
+        One per catalog row: only these rows may be chosen (e.g. the sources
+        matched to a point-source reference catalog).  Every row still counts
+        as a neighbour for the isolation rule.
 
     Returns
     -------
@@ -398,6 +403,8 @@ def select_psf_stars(catalog: pd.DataFrame, image: np.ndarray, mask: np.ndarray 
         good &= cat["peak"] < max_peak_fraction * saturation
     isolation, clean = (half, half // 2) if crowded else (2 * half + 1, half + 2)
     good &= _isolated(cat, float(isolation), neighbour_flux_ratio)
+    if allowed is not None:
+        good &= np.asarray(allowed, bool)
     cat = cat[good.to_numpy()]
     bad = np.zeros(image.shape, bool) if mask is None else masks.any_set(mask, *masks.BAD_FOR_FIT)
     bad |= ~np.isfinite(image)
