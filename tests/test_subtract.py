@@ -527,6 +527,9 @@ def test_pick_mode_rules():
     assert sub.pick_mode({s: 0.965, t: 1.04}, stars, s) == s      # within the margin: default
     assert sub.pick_mode({s: 0.965, t: 1.04}, stars, t) == t
     assert sub.pick_mode({s: 0.75, t: 1.0}, {s: "sources", t: "psf_models"}, s) == s
+    models = {s: "psf_models", t: "psf_models"}
+    assert sub.pick_mode({s: 1.0, t: 1.0}, models, s, {s: 3e9, t: 0.5}) == t  # s deconvolves
+    assert sub.pick_mode({s: 1.0, t: 1.0}, models, s, {s: 30.0, t: 900.0}) == s  # both do
     # clearly different PSFs: one direction only
     wide = PsfModel.gaussian(6.0, K, 1000, 1000)
     assert sub.candidate_modes(PsfModel.gaussian(4.0, K, 1000, 1000), wide) == (s,)
@@ -960,3 +963,46 @@ def test_with_own_share_is_the_difference_against_the_full_coadd():
     assert np.isnan(out.image[0, 0]) and out.mask[0, 0] & masks.bit("NO_DATA")
     with pytest.raises(ValueError, match="shape"):
         sub.with_own_share(diff_loo, share[:10])
+
+
+def test_nearly_equal_psfs_never_pick_a_kernel_that_deconvolves():
+    """Too few stars for a kernel fit in either direction, a Kolmogorov visit PSF (FWHM 8
+    px) and a Gaussian template PSF 0.7 % narrower: the template direction's kernel from
+    the PSF models must make the visit's wings out of a Gaussian, and its least-squares
+    coefficients blow up (noise gain sum(k^2) / sum(k)^2 of 7e4; 3e9 on a `badseeing`
+    visit of the independent simulator, whose difference then had 29 false positives).
+    Its kernel sum is as good as the other direction's (1.006 against 0.994), which
+    alone kept the template direction; the noise gain now rules it out."""
+    rng = np.random.default_rng(3)
+    n, fwhm = 256, 8.0
+    psf = _kolmogorov_kernel(fwhm, K)
+    tf = PsfModel.constant(psf, 64, 64).fwhm() * 0.993
+    sci, tmpl = np.zeros((n, n)), np.zeros((n, n))
+    for x, y in zip(rng.uniform(30, n - 30, 4), rng.uniform(30, n - 30, 4)):
+        dx, dy = x - np.round(x), y - np.round(y)
+        _add(sci, _kolmogorov_kernel(fwhm, RENDER, dx, dy), x, y, 2e4)
+        _add(tmpl, gaussian_kernel(tf, K, dx=dx, dy=dy), x, y, 2e4 * TMPL_SCALE)
+    sci, tmpl = _visit_and_template(sci, tmpl, psf, gaussian_kernel(tf, K), rng)
+    assert sub.candidate_modes(sci.psf, tmpl.psf)[0] == "convolve_template"
+    by_tmpl = sub.subtract_images(sci, tmpl, mode="convolve_template")
+    assert by_tmpl.kernel_source == "psf_models"
+    assert sub.noise_gain(by_tmpl.kernel) > 100 * sub.MAX_NOISE_GAIN
+    auto = sub.subtract_images(sci, tmpl)
+    assert auto.mode == "convolve_science" and auto.kernel_source == "psf_models"
+    assert sub.noise_gain(auto.kernel) < 1.0                # a smoothing kernel
+    assert auto.noise_ratio == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_higher_kernel_order_does_not_need_more_stars_to_fit_at_all():
+    """20 static stars leave 11 kernel stamps.  Order 2 needs 18 (3 per spatial term) and
+    was the floor for any fit, so ``kernel_spatial_order=2`` fell back to the PSF models'
+    kernel where order 1 or 0 fits the stars (a `badseeing` visit of the independent
+    simulator: 17 stamps, 0 -> 29 false positives).  Now the floor is order 1's (9) and
+    cross-validation tries only the orders the stamps hold."""
+    sci, tmpl, _ = make_pair(n=512, seed=11, n_static=20, transients=False)
+    low = sub.subtract_images(sci, tmpl, kernel_spatial_order=1)
+    high = sub.subtract_images(sci, tmpl, kernel_spatial_order=2)
+    assert low.kernel_source == high.kernel_source == "sources"
+    assert 9 <= high.n_used < 18
+    assert high.kernel.order == low.kernel.order
+    assert high.kernel_sum == pytest.approx(low.kernel_sum, abs=1e-9)

@@ -899,6 +899,13 @@ def _fit_stamps(G, h, ywy, npix, p, r, nb, *, n_sigma_clip, max_iter, min_stamps
     return coef, bg, chi2, use
 
 
+#: Kernel stamps per spatial polynomial term for an order to be tried.  With
+#: the order's own count as the floor (18 for order 2) a visit with 17 stamps
+#: fell back to the PSF models' kernel although order 1 fits them (one
+#: `badseeing` visit, 0 -> 29 false positives).
+MIN_STAMPS_PER_TERM = 3
+
+
 def _choose_spatial_order(G, g_fit, h, ywy, npix, u, v, r, nb, max_order, *, n_sigma_clip,
                           max_iter, min_stamps, n_folds: int = 5, prior=None) -> int:
     """Spatial order (0 .. ``max_order``) of the kernel with the best cross-validated chi^2.
@@ -920,7 +927,7 @@ def _choose_spatial_order(G, g_fit, h, ywy, npix, u, v, r, nb, max_order, *, n_s
     scores = []
     for order in range(max_order + 1):
         p = poly_terms(u, v, order).T
-        if idx.size - idx.size // n_folds < max(min_stamps, p.shape[1] + 1):
+        if idx.size - idx.size // n_folds < max(min_stamps, MIN_STAMPS_PER_TERM * p.shape[1]):
             break
         total = 0.0
         for f in range(n_folds):
@@ -967,7 +974,10 @@ def fit_matching_kernel(to_convolve: Exposure, reference: Exposure, candidates: 
         Weight of ``A``'s variance in the pixel weights
         ``1 / (var_B + variance_factor * var_A)`` (``~ sum(k^2)``).
     min_stamps : int
-        Minimum number of kept stamps (default ``max(5, 3 * n_spatial_terms)``).
+        Minimum number of kept stamps (default 5 for ``spatial_order = 0``, else
+        9: :data:`MIN_STAMPS_PER_TERM` per term of an order-1 kernel).  Higher
+        orders are tried only where the stamps hold as many per term
+        (:func:`_choose_spatial_order`).
     debias_noise : bool
         ``A``'s noise is white (a single visit): subtract 90 % of its expected
         contribution from the normal equations (:func:`_noise_bias`), which
@@ -994,8 +1004,8 @@ def fit_matching_kernel(to_convolve: Exposure, reference: Exposure, candidates: 
     nb, ksize = len(basis), basis.shape[1]
     hk = ksize // 2
     hs = hk if stamp_half is None else int(stamp_half)
-    nq = n_poly_terms(spatial_order)
-    min_stamps = max(5, 3 * nq) if min_stamps is None else min_stamps
+    if min_stamps is None:  # what the lowest varying order needs; more are not required
+        min_stamps = max(5, MIN_STAMPS_PER_TERM * n_poly_terms(min(spatial_order, 1)))
     cand = np.asarray(candidates, dtype=int).reshape(-1, 2)
     if len(cand) < min_stamps:
         raise InsufficientKernelSourcesError(
@@ -1315,8 +1325,28 @@ def candidate_modes(psf_sci: PsfModel, psf_tmpl: PsfModel) -> tuple[str, ...]:
     return (first, other)
 
 
-def pick_mode(kernel_sums: dict[str, float], sources: dict[str, str], default: str) -> str:
+#: Largest noise gain ``sum(k^2) / sum(k)^2`` (1 for a delta function, less
+#: for a smoothing kernel) of a direction :func:`pick_mode` may choose.  A
+#: kernel from the PSF models towards a visit PSF with wings the Gaussian
+#: template PSF cannot make had a gain of 3e9 (FWHM 9.85 -> 9.92 px); chosen
+#: by its kernel sum, its difference had 29 false positives.
+MAX_NOISE_GAIN = 1.5
+
+
+def noise_gain(kernel: MatchingKernel) -> float:
+    """``sum(k^2) / sum(k)^2`` of the kernel at the image centre (see :data:`MAX_NOISE_GAIN`)."""
+    k = kernel.at()
+    total = float(k.sum())
+    return float((k**2).sum()) / total**2 if total != 0 else np.inf
+
+
+def pick_mode(kernel_sums: dict[str, float], sources: dict[str, str], default: str,
+              gains: dict[str, float] | None = None) -> str:
     """The direction whose fitted kernel best preserves flux.
+
+    A direction whose kernel's noise gain (``gains``, :func:`noise_gain`)
+    exceeds :data:`MAX_NOISE_GAIN` deconvolves and is not chosen while the
+    other one does not.
 
     Both directions see the same photometric ratio ``s`` of the two images
     (kernel sum ``s`` one way, ``1 / s`` the other), so a PSF shape that a
@@ -1326,6 +1356,10 @@ def pick_mode(kernel_sums: dict[str, float], sources: dict[str, str], default: s
     :data:`MODE_KERNEL_SUM_MARGIN`; a kernel fitted on stars always wins over
     one computed from the PSF models.
     """
+    if gains is not None:
+        sane = [m for m in kernel_sums if gains[m] <= MAX_NOISE_GAIN]
+        if len(sane) == 1:
+            return sane[0]
     on_stars = [m for m in kernel_sums if sources[m] == "sources"]
     if len(on_stars) == 1:
         return on_stars[0]
@@ -1646,9 +1680,11 @@ def subtract_images(science: Exposure, template: Exposure, *, mode: str = "auto"
                for m in modes}
     if len(by_mode) > 1:
         sums = {m: f.kernel.sum_stats()[0] for m, (f, _) in by_mode.items()}
-        mode = pick_mode(sums, {m: src for m, (_, src) in by_mode.items()}, modes[0])
-        logger.info("nearly equal PSFs (FWHM %.2f / %.2f px): kernel sums %s; %s chosen",
-                    fs, ft, ", ".join(f"{m} {v:.4f}" for m, v in sums.items()), mode)
+        gains = {m: noise_gain(f.kernel) for m, (f, _) in by_mode.items()}
+        mode = pick_mode(sums, {m: src for m, (_, src) in by_mode.items()}, modes[0], gains)
+        logger.info("nearly equal PSFs (FWHM %.2f / %.2f px): kernel sums %s (noise gains %s); "
+                    "%s chosen", fs, ft, ", ".join(f"{m} {v:.4f}" for m, v in sums.items()),
+                    ", ".join(f"{v:.3g}" for v in gains.values()), mode)
     else:
         mode = modes[0]
     fit, source = by_mode[mode]
