@@ -18,8 +18,10 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 from diffim import detect, subtract
 from diffim.exposure import Exposure
@@ -83,6 +85,12 @@ def make_visit(seed=1):
             (tx, ty, tf, sx, sy, sf))
 
 
+def workflow_default(section: str, key: str):
+    """A knob's default in ``config/schema.yaml``: what the workflow runs with."""
+    schema = yaml.safe_load((Path(__file__).parents[1] / "config" / "schema.yaml").read_text())
+    return schema["properties"][section]["properties"][key]["default"]
+
+
 def main() -> int:
     retained = retain_freed_memory()
     t0 = time.perf_counter()
@@ -93,7 +101,8 @@ def main() -> int:
     t_stitch = time.perf_counter() - t5
     del patch
     t1 = time.perf_counter()
-    res = subtract.subtract_images(science, template)
+    res = subtract.subtract_images(
+        science, template, kernel_spatial_order=workflow_default("diff", "kernel_spatial_order"))
     t_sub = time.perf_counter() - t1
     t2 = time.perf_counter()
     cat = detect.detect_dia_sources(res.difference)
