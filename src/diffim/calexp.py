@@ -233,9 +233,12 @@ def _kernel_for_seeing(config: CalexpConfig, size: int, fwhm: float, path: str) 
     return config
 
 
-def _fit_psf_model(sources, sub, variance, mask, config, saturation, path):
-    """PSF stars for ``config.kernel_size`` and the PSF model fitted to them: ``(stars, fit)``."""
-    stars = _psf_stars(sources, sub, mask, config, saturation)
+def _fit_psf_model(sources, sub, variance, mask, config, saturation, path, allowed=None):
+    """PSF stars for ``config.kernel_size`` and the PSF model fitted to them: ``(stars, fit)``.
+
+    ``allowed``: see :func:`_psf_stars`.
+    """
+    stars = _psf_stars(sources, sub, mask, config, saturation, allowed)
     if len(stars) < config.psf_min_stars:
         raise NoUsableStarsError(
             f"{path}: only {len(stars)} isolated, unsaturated bright stars for the PSF model "
@@ -298,7 +301,7 @@ def process_exposure(image: np.ndarray, meta: dict, approx_wcs: WCS, refcat: pd.
                     max_rot_deg=config.max_rot_deg, max_scale=config.max_scale_error,
                     sip_order=config.sip_order, max_rms_arcsec=config.max_astrometry_rms_arcsec,
                     position_err=err)
-    psf_fit = _psf_on_catalog_stars(ch, _catalog_stars(sources, ref, astro.wcs, psf_fit.psf.fwhm()),
+    psf_fit = _psf_on_catalog_stars(ch, _catalog_stars(sources, ref, astro.wcs, psf_fit.fwhm_px),
                                     config, path)
     zp, phot = _calibrate(ch.image, ch.variance, ch.mask, psf_fit.psf, sources, astro, ref, band)
     sources = _annotate_sources(sources, astro, psf_fit.stars, phot)
@@ -316,6 +319,9 @@ PSF_STAR_TIERS = ((50.0, False), (50.0, True), (25.0, True), (15.0, True))
 
 
 def _psf_stars(sources, sub, mask, config, saturation, allowed=None):
+    """PSF stars of the first tier that gives enough; ``allowed`` (bool per source,
+    optional) limits them to those sources, the size cut included (isolation is still
+    judged against all)."""
     for min_snr, crowded in PSF_STAR_TIERS:
         stars = select_psf_stars(sources, sub, mask, kernel_size=config.kernel_size,
                                  saturation=saturation, min_snr=min_snr, crowded=crowded,
@@ -355,26 +361,23 @@ def _psf_on_catalog_stars(ch, matched, config, path):
     scale term: completeness 0.80 -> 0.73.)
     """
     first = ch.psf_fit.stars
-    used = first.index[first["used"]] if "used" in first.columns else first.index
-    unmatched = int((~matched[ch.sources.index.get_indexer(used)]).sum())
+    used = ch.sources.index.get_indexer(first.index[first["used"].to_numpy()])
+    unmatched = int((~matched[used]).sum())
     if unmatched == 0:
         return ch.psf_fit
     config = replace(config, kernel_size=ch.psf_fit.psf.kernel_size)
-    stars = _psf_stars(ch.sources, ch.image, ch.mask, config, ch.saturation, allowed=matched)
-    if len(stars) >= config.psf_min_stars:
-        try:
-            fit = fit_psf(ch.image, ch.variance, ch.mask, stars, kernel_size=config.kernel_size,
-                          order=config.psf_max_order, min_stars=config.psf_min_stars,
-                          neighbours=ch.sources)
-        except (NoUsableStarsError, PsfFitError) as exc:
-            logger.info("%s: PSF refit on catalog stars failed (%s); first model kept", path, exc)
-            return ch.psf_fit
-        logger.info("%s: PSF model refitted on %d catalog stars (%d of the first %d stars "
-                    "were not in the catalog)", path, fit.n_stars, unmatched, len(used))
-        return fit
-    logger.info("%s: only %d PSF stars match the reference catalog; first model kept",
-                path, len(stars))
-    return ch.psf_fit
+    try:
+        _, fit = _fit_psf_model(ch.sources, ch.image, ch.variance, ch.mask, config,
+                                ch.saturation, path, allowed=matched)
+    except (NoUsableStarsError, PsfFitError) as exc:
+        logger.info("%s: %d of the PSF model's %d stars are not in the reference catalog, and "
+                    "no model on catalog stars alone (%s): the first is kept", path, unmatched,
+                    len(used), exc)
+        return ch.psf_fit
+    logger.info("%s: PSF model refitted on %d catalog stars (%d of the first %d stars were not "
+                "in the catalog): FWHM %.2f -> %.2f px", path, fit.n_stars, unmatched, len(used),
+                ch.psf_fit.fwhm_px, fit.fwhm_px)
+    return fit
 
 
 #: Largest fraction of the image that the sources may cover for the second,

@@ -239,10 +239,10 @@ def star_scatter(d: np.ndarray, err: np.ndarray) -> float:
     return tau2
 
 
-def _order_scores(fits) -> list[float]:
+def _order_scores(fits, union) -> list[float]:
     """R.m.s. normalised leave-one-out residual of each ``(coef, keep, loo)`` fit.
 
-    Every fit is scored on the same pairs: those that any of them kept.  A
+    Every fit is scored on the same pairs, ``union``: those that any of them kept.  A
     pair an order clipped counts with its residual from that order (capped at
     :data:`CLIP`, as a clipped pair is an outlier to it); scored on its own
     kept pairs only, a low order that clipped the pairs a gradient explains
@@ -250,7 +250,6 @@ def _order_scores(fits) -> list[float]:
     pairs at order 0: 1.46 against order 2's 1.41 on all 23, and one of two
     encodings of the same image chose order 0, 1.6 px off at a bright star).
     """
-    union = np.any([keep for _, keep, _ in fits], axis=0)
     return [float(np.sqrt(np.mean(np.minimum(loo[union] ** 2, CLIP ** 2)))) for _, _, loo in fits]
 
 
@@ -280,12 +279,13 @@ def fit_offset_field(pairs: dict, shape) -> OffsetField | None:
             if (fit := _clipped_fit(x, y, d, w, order, centre, norm)) is not None]
     if not fits:
         return None
-    scores = _order_scores([fit for _, fit in fits])
+    union = np.any([keep for _, (_, keep, _) in fits], axis=0)
+    scores = _order_scores([fit for _, fit in fits], union)
     best = min(scores)
     i = next(k for k, score in enumerate(scores) if score <= (1 + ORDER_GAIN) * best)
     order, (coef, keep, loo) = fits[i]
     logger.info("registration orders (leave-one-out scatter on %d pairs; pairs kept): %s",
-                int(np.any([f[1] for _, f in fits], axis=0).sum()),
+                int(union.sum()),
                 ", ".join(f"{o}: {s:.3f} ({f[1].sum()})" for (o, f), s in zip(fits, scores)))
     err = np.sqrt(pairs["err"][keep] ** 2 + tau2)
     field = OffsetField(coef=coef, order=order, centre=centre, norm=norm, n_pairs=n,
